@@ -1,0 +1,1 @@
+"""Runtimes: one protocol (`base`), several implementations (`native`, ...)."""
