@@ -278,6 +278,8 @@ class Marshaller:
                             raise RkllmError("ABI_FIELD_UNSUPPORTED", struct="RKLLMMultiModalInput",
                                              field=f"image.{tag}", abi=self.abi)
                 mm = mm.as_flat()
+                if "n_image" not in mm_fields and mm.n_image == 1:  # 1.2.0: one image is all it can take
+                    mm = mm.model_copy(update={"n_image": None})
             model = model.model_copy(update={"multimodal_input": mm})
         return self.new("RKLLMInput", model, keep)
 
