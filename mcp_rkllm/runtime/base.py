@@ -159,6 +159,10 @@ class AsyncRun(Protocol):
         """Whether the run has ended."""
         ...
 
+    def add_done_callback(self, fn: Callable[[RunResult], None]) -> None:
+        """Call `fn(result)` once the run has ended (at once if it has; from any thread)."""
+        ...
+
 
 class LoadedModel(Protocol):
     """One initialised handle: the RKLLM functions that take an LLMHandle."""

@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 from mcp_rkllm.errors import RkllmError
@@ -183,6 +184,8 @@ class _NativeAsyncRun:
         self.ctx = ctx
         self._done = threading.Event()
         self._result: RunResult | None = None
+        self._callbacks: list[Callable[[RunResult], None]] = []
+        self._lock = threading.Lock()
         self._watcher = threading.Thread(target=self._watch, name="rkllm-async-watch", daemon=True)
         self._watcher.start()
 
@@ -207,7 +210,26 @@ class _NativeAsyncRun:
             self._result.finish_reason = "error"
             self._result.error = "rkllm_run_async ended without delivering any callback"
         self.model._async_done(self)
-        self._done.set()
+        with self._lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            self._call(fn)
+
+    def _call(self, fn: Callable[[RunResult], None]) -> None:
+        assert self._result is not None
+        try:
+            fn(self._result)
+        except Exception:
+            traceback.print_exc()
+
+    def add_done_callback(self, fn: Callable[[RunResult], None]) -> None:
+        """Call `fn(result)` once the run has ended (at once if it already has)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        self._call(fn)
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         """The result once the run has ended, or None after `timeout` seconds."""

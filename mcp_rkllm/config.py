@@ -1,0 +1,102 @@
+"""One Settings object: command-line flags > environment (MCP_RKLLM_*, RKLLM_LIB_PATH, RKLLM_ABI) > defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+Transport = Literal["stdio", "http", "sse"]
+RuntimeChoice = Literal["auto", "native"]
+
+#: Settings field -> environment variable.
+ENV_VARS: dict[str, str] = {
+    "library": "RKLLM_LIB_PATH",
+    "abi": "RKLLM_ABI",
+    "runtime": "MCP_RKLLM_RUNTIME",
+    "transport": "MCP_RKLLM_TRANSPORT",
+    "host": "MCP_RKLLM_HOST",
+    "port": "MCP_RKLLM_PORT",
+    "busy_timeout": "MCP_RKLLM_BUSY_TIMEOUT",
+    "abort_timeout": "MCP_RKLLM_ABORT_TIMEOUT",
+    "log_level": "MCP_RKLLM_LOG_LEVEL",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told. Build with `Settings.load(flags, environ)`."""
+
+    library: str | None = None
+    """librkllmrt.so path or directory; None = search the usual places."""
+    abi: str | None = None
+    """RKLLM ABI generation (1.2.0, 1.2.1, 1.3.0); None = detect from the library."""
+    runtime: RuntimeChoice = "auto"
+    transport: Transport = "stdio"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    busy_timeout: float = 10.0
+    """Seconds a run waits for a busy handle before answering BUSY."""
+    abort_timeout: float = 30.0
+    """Seconds a cancelled run waits for the runtime to stop after rkllm_abort."""
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Flags that are not None win over environment variables, which win over defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, var in ENV_VARS.items():
+            raw = environ.get(var)
+            if raw not in (None, ""):
+                values[name] = _convert(name, str(types[name]), raw)
+        for name, value in (flags or {}).items():
+            if value is not None and name in types:
+                values[name] = value
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that cannot work."""
+        if self.transport not in ("stdio", "http", "sse"):
+            raise ValueError(f"transport must be stdio, http or sse, not {self.transport!r}")
+        if self.runtime not in ("auto", "native"):
+            raise ValueError(f"runtime must be auto or native, not {self.runtime!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range")
+        if self.busy_timeout < 0 or self.abort_timeout <= 0:
+            raise ValueError("busy_timeout must be >= 0 and abort_timeout > 0")
+        if self.transport != "stdio" and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve on {self.host}: only loopback addresses (127.0.0.1, ::1, localhost) are "
+                "allowed, because this server has no authentication yet. Put it behind an authenticating "
+                "reverse proxy on loopback if you need remote access.")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _convert(name: str, type_text: str, raw: str) -> Any:
+    try:
+        if "int" in type_text and "str" not in type_text:
+            return int(raw)
+        if "float" in type_text:
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_VARS[name]}={raw!r} is not a number") from exc
+    return raw

@@ -1,0 +1,136 @@
+"""build_server(settings) -> the low-level MCP Server; serve(settings) runs it on stdio, HTTP or SSE.
+
+The runtime is loaded in the server's lifespan, i.e. after the transport is up (on stdio, after
+the SDK has claimed the streams and diverted fd 1 to stderr, so nothing the native library prints
+reaches the wire). Every handle is aborted and destroyed when the last connection closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from mcp.server import Server, ServerRequestContext
+from mcp.types import CallToolRequestParams, CallToolResult, ListToolsResult, PaginatedRequestParams
+
+from mcp_rkllm import __version__
+from mcp_rkllm.config import Settings
+from mcp_rkllm.runtime.base import Runtime
+from mcp_rkllm.tools import api
+from mcp_rkllm.tools.handles import AppState
+from mcp_rkllm.tools.registry import Registry, ToolContext
+
+log = logging.getLogger("mcp_rkllm")
+
+INSTRUCTIONS = (
+    "Runs Rockchip RKLLM language models on the NPU. Low-level tools mirror the C API: rkllm_init "
+    "(param.model_path) returns a handle; rkllm_run with {handle, rkllm_input: {prompt_input}} generates "
+    "(tokens stream as progress); rkllm_destroy frees it. Errors carry a code, a hint and whether to retry."
+)
+
+
+def build_registry() -> Registry:
+    """The registry of every exported tool."""
+    return Registry(api.TOOLS)
+
+
+def build_server(settings: Settings, runtime: Runtime | None = None) -> Server[AppState]:
+    """The MCP server for `settings` (separate from serving it; tests call it in-process).
+
+    `runtime` injects an already open runtime; by default the lifespan opens one from settings.
+    """
+    registry = build_registry()
+    state = AppState(settings, runtime)
+
+    @asynccontextmanager
+    async def lifespan(_: Server[AppState]) -> AsyncIterator[AppState]:
+        state.open()
+        try:
+            yield state
+        finally:
+            with anyio.CancelScope(shield=True):
+                await state.close()
+
+    async def list_tools(ctx: ServerRequestContext[AppState], params: PaginatedRequestParams | None) -> ListToolsResult:
+        return ListToolsResult(tools=registry.tools())
+
+    async def call_tool(ctx: ServerRequestContext[AppState], params: CallToolRequestParams) -> CallToolResult:
+        return await registry.call(params.name, params.arguments, ToolContext(state, ctx.session.report_progress))
+
+    server: Server[AppState] = Server(
+        "mcp-rkllm", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
+        on_list_tools=list_tools, on_call_tool=call_tool, get_tool_input_schema=registry.input_schema,
+    )
+    server.app_state = state  # type: ignore[attr-defined]  # for tests and the CLI
+    return server
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr only: stdout is the stdio transport's wire."""
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def serve_stdio(server: Server[Any]) -> None:
+    """Serve one client on stdin/stdout."""
+    from mcp.server.stdio import stdio_server
+
+    async with stdio_server() as (read, write):
+        await server.run(read, write, server.create_initialization_options())
+
+
+def http_app(server: Server[Any], settings: Settings) -> Any:
+    """The Streamable HTTP app (endpoint /mcp); DNS-rebinding protection is on for loopback hosts."""
+    return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host)
+
+
+def sse_app(server: Server[Any], settings: Settings) -> Any:
+    """The legacy HTTP+SSE app: GET /sse opens the stream, POST /messages/ carries requests."""
+    from mcp.server.sse import SseServerTransport
+    from mcp.server.transport_security import TransportSecuritySettings
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Mount, Route
+
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+    )
+    transport = SseServerTransport("/messages/", security_settings=security)
+
+    async def handle_sse(request: Request) -> Response:
+        async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+        return Response()
+
+    return Starlette(routes=[Route("/sse", endpoint=handle_sse, methods=["GET"]),
+                             Mount("/messages/", app=transport.handle_post_message)])
+
+
+async def serve_http(app: Any, settings: Settings) -> None:
+    """Serve an ASGI app with uvicorn on settings.host:settings.port."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=settings.host.strip("[]"), port=settings.port,
+                            log_level=settings.log_level.lower(), lifespan="on")
+    await uvicorn.Server(config).serve()
+
+
+async def serve(settings: Settings) -> None:
+    """Build the server and serve it on the configured transport until the client or a signal ends it."""
+    server = build_server(settings)
+    where = "stdin/stdout" if settings.transport == "stdio" else (
+        f"http://{settings.host}:{settings.port}" + ("/mcp" if settings.transport == "http" else "/sse"))
+    log.info("mcp-rkllm %s serving %s on %s", __version__, settings.transport, where)
+    if settings.transport == "stdio":
+        await serve_stdio(server)
+    elif settings.transport == "http":
+        await serve_http(http_app(server, settings), settings)
+    else:
+        await serve_http(sse_app(server, settings), settings)

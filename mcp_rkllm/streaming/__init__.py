@@ -1,0 +1,1 @@
+"""Streaming: runtime events from native threads to MCP progress notifications (`relay`)."""

@@ -1,0 +1,136 @@
+"""Relay of one run: runtime events from any native thread to coalesced MCP progress notifications.
+
+The runtime's callback thread only appends the event to a deque and, if no wake-up is pending,
+schedules one on the event loop (`call_soon_threadsafe`): it never waits for the loop. The pump
+on the loop drains everything that arrived and sends it as one `notifications/progress`
+(progress = tokens so far, total = the token limit, message = the new text). While a
+notification is being written, new tokens pile up and go out together in the next one, so a
+slow client never stalls the NPU and relay cost stays flat at any token rate; at NPU pace each
+token goes out on its own, at once.
+
+Cancelling the awaiting task (`notifications/cancelled`, a client timeout, a dropped
+connection) calls the abort function, waits for the run's thread to end, and re-raises.
+All state of a run lives in its Relay; nothing is global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import anyio
+
+from mcp_rkllm.runtime.base import RunEvent, Token, Waiting
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Sends one progress notification: (progress, total, message).
+Reporter = Callable[[float, float | None, str | None], Awaitable[None]]
+
+
+class Relay(Generic[T]):
+    """Carries the events of one run to `report`. Create it on the event loop that will pump it."""
+
+    def __init__(self, report: Reporter, total: int | None = None):
+        self._report = report
+        self._total = float(total) if total else None
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[RunEvent] = deque()
+        self._wake = asyncio.Event()
+        self._scheduled = False
+        self._ended = False
+        self._thread_done = threading.Event()
+        self.tokens = 0
+        self.notifications = 0
+
+    # ----------------------------------------------------------------- any thread
+
+    def sink(self, event: RunEvent) -> None:
+        """The runtime's EventSink: never blocks, never raises."""
+        self._queue.append(event)
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._on_wake)
+            except RuntimeError:  # loop closed: the client is gone, nobody to tell
+                pass
+
+    def _on_wake(self) -> None:
+        self._scheduled = False
+        self._wake.set()
+
+    def _on_end(self) -> None:
+        self._ended = True
+        self._wake.set()
+
+    # ----------------------------------------------------------------- event loop
+
+    async def _flush(self) -> None:
+        queue = self._queue
+        pieces: list[str] = []
+        tokens = self.tokens
+        while queue:
+            event = queue.popleft()
+            if type(event) is Token:
+                pieces.append(event.text)
+                tokens += 1
+            elif type(event) is Waiting:
+                tokens += 1
+        self.tokens = tokens
+        if pieces:
+            text = "".join(pieces)
+            self.notifications += 1
+            await self._report(tokens, self._total, text)
+
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ended = self._ended  # read before draining: events precede the end marker
+            await self._flush()
+            if ended and not self._queue:
+                return
+
+    async def run(self, blocking: Callable[[], T], abort: Callable[[], None], abort_timeout: float = 30.0) -> T:
+        """Run `blocking` (which feeds `self.sink`) on its own thread, relaying until it returns.
+
+        Returns what `blocking` returned (or raises what it raised) once every event has been
+        relayed. On cancellation: `abort()`, wait up to `abort_timeout` seconds for the thread
+        to finish, then re-raise the cancellation.
+        """
+        box: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = blocking()
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                self._thread_done.set()
+                try:
+                    self._loop.call_soon_threadsafe(self._on_end)
+                except RuntimeError:
+                    pass
+
+        threading.Thread(target=target, name="rkllm-run", daemon=True).start()
+        try:
+            await self._pump()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                try:
+                    abort()
+                except Exception:
+                    log.exception("rkllm_abort failed while cancelling a run")
+                stopped = await anyio.to_thread.run_sync(self._thread_done.wait, abort_timeout)
+                if not stopped:
+                    log.error("the runtime did not stop within %.0f s of rkllm_abort", abort_timeout)
+            raise
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        return box["value"]  # type: ignore[return-value]

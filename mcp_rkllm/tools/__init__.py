@@ -1,0 +1,1 @@
+"""The exported tools: the registry (`registry`), the 1:1 C API tools (`api`), handles (`handles`)."""

@@ -1,0 +1,190 @@
+"""Server state shared by every tool: the runtime, and the table of loaded handles.
+
+A handle is an opaque string id for one `LoadedModel`. One run per handle at a time: a run (or
+a call that changes the handle's state) takes the handle's slot, waiting up to
+`Settings.busy_timeout` before answering BUSY. The slot is a `threading.Lock` so that an
+asynchronous run can give it back from the runtime's thread when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from mcp_rkllm.config import Settings
+from mcp_rkllm.errors import RkllmError
+from mcp_rkllm.runtime.base import AsyncRun, LoadedModel, Runtime, RunEvent, Token, Waiting
+from mcp_rkllm.structs import RKLLMParam, RunResult
+
+log = logging.getLogger(__name__)
+
+
+class AsyncRunState:
+    """What an rkllm_run_async run has produced so far, readable by rkllm_run_async_result."""
+
+    def __init__(self, run_id: str, total: int | None):
+        self.run_id = run_id
+        self.total = total
+        self.pieces: list[str] = []
+        self.text_length = 0
+        self.tokens = 0
+        self.run: AsyncRun | None = None
+        self.result: RunResult | None = None
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def sink(self, event: RunEvent) -> None:
+        """EventSink for the runtime (any thread)."""
+        if type(event) is Token:
+            with self._lock:
+                self.pieces.append(event.text)
+                self.text_length += len(event.text)
+                self.tokens += 1
+        elif type(event) is Waiting:
+            with self._lock:
+                self.tokens += 1
+        else:
+            return
+        self._notify()
+
+    def finish(self, result: RunResult) -> None:
+        """Called once the run has ended (any thread)."""
+        self.result = result
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass
+
+    def text_since(self, offset: int) -> str:
+        """The generated text from character `offset` on."""
+        with self._lock:
+            return "".join(self.pieces)[offset:]
+
+    async def changed(self, timeout: float) -> None:
+        """Wait until new text arrives or the run ends, at most `timeout` seconds."""
+        event = asyncio.Event()
+        entry = (asyncio.get_running_loop(), event)
+        with self._lock:
+            self._waiters.append(entry)
+        try:
+            with anyio.move_on_after(timeout):
+                await event.wait()
+        finally:
+            with self._lock:
+                self._waiters.remove(entry)
+
+
+@dataclass
+class HandleEntry:
+    """One loaded model and its run slot."""
+
+    id: str
+    model: LoadedModel
+    param: RKLLMParam
+    slot: threading.Lock = field(default_factory=threading.Lock)
+    async_run: AsyncRunState | None = None
+    runs: int = 0
+    loaded_at: float = field(default_factory=time.time)
+
+    async def acquire(self, timeout: float, function: str) -> None:
+        """Take the run slot, polling for up to `timeout` seconds, else raise BUSY (cancellable)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while not self.slot.acquire(blocking=False):
+            if time.monotonic() >= deadline:
+                raise RkllmError("BUSY", function=function, handle=self.id, waited_s=round(timeout, 3))
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def release(self) -> None:
+        """Give the run slot back (from any thread)."""
+        self.slot.release()
+
+    @asynccontextmanager
+    async def using(self, timeout: float, function: str) -> AsyncIterator[HandleEntry]:
+        """Hold the run slot for the body."""
+        await self.acquire(timeout, function)
+        try:
+            yield self
+        finally:
+            self.release()
+
+
+class AppState:
+    """The runtime and the handles, shared by every connection of one server process."""
+
+    def __init__(self, settings: Settings, runtime: Runtime | None = None):
+        self.settings = settings
+        self.runtime: Runtime | None = runtime
+        self.runtime_error: RkllmError | None = None
+        self.handles: dict[str, HandleEntry] = {}
+        self._users = 0
+        self._opened = runtime is not None
+
+    def open(self) -> None:
+        """Load the runtime once (after the transport is up; never at import)."""
+        self._users += 1
+        if self._opened:
+            return
+        self._opened = True
+        from mcp_rkllm.runtime.native import NativeRuntime
+
+        try:
+            self.runtime = NativeRuntime.open(self.settings.library, self.settings.abi)
+        except RkllmError as exc:
+            self.runtime_error = exc
+            log.error("no runtime: %s (hint: %s)", exc.message, exc.spec.hint)
+            return
+        info = self.runtime.describe()
+        log.info("runtime %s: library %s, RKLLM ABI %s (%s)", info["runtime"], info.get("library"),
+                 info.get("abi"), info.get("abi_source"))
+
+    async def close(self) -> None:
+        """Drop one user; the last one aborts and destroys every handle."""
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
+        for entry in list(self.handles.values()):
+            try:
+                await anyio.to_thread.run_sync(entry.model.destroy)
+            except Exception:
+                log.exception("destroying handle %s failed", entry.id)
+        self.handles.clear()
+
+    def require_runtime(self, function: str) -> Runtime:
+        """The runtime, or the error that kept it from loading."""
+        if self.runtime is not None:
+            return self.runtime
+        if self.runtime_error is not None:
+            err = self.runtime_error
+            raise RkllmError(err.code, function=function, **err.fields)
+        raise RkllmError("RUNTIME_UNAVAILABLE", function=function, detail="the server has not started a runtime")
+
+    def get(self, handle: str, function: str) -> HandleEntry:
+        """The entry of `handle`, or UNKNOWN_HANDLE."""
+        entry = self.handles.get(handle)
+        if entry is None:
+            raise RkllmError("UNKNOWN_HANDLE", function=function, handle=handle)
+        return entry
+
+    def add(self, model: LoadedModel, param: RKLLMParam) -> HandleEntry:
+        """Register a new model under a fresh opaque id."""
+        handle = "h-" + secrets.token_hex(6)
+        entry = HandleEntry(handle, model, param)
+        self.handles[handle] = entry
+        return entry

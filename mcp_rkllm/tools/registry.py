@@ -1,0 +1,137 @@
+"""THE table of exported tools: one entry per tool drives its MCP Tool, validation, dispatch and docs.
+
+An entry names the tool, its pydantic params model (input schema = `model_json_schema()`), its
+result model (output schema), annotations, whether it streams progress, and the async handler
+that calls the Runtime. `Registry.call` validates arguments, dispatches, and turns every failure
+into an `is_error` result through the error table; only an unknown tool is a protocol error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from mcp import MCPError
+from mcp.types import INVALID_PARAMS, CallToolResult, TextContent, Tool, ToolAnnotations
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mcp_rkllm.errors import RkllmError, error_result
+from mcp_rkllm.streaming.relay import Reporter
+from mcp_rkllm.tools.handles import AppState
+
+log = logging.getLogger(__name__)
+
+
+class Params(BaseModel):
+    """Base of every tool's params: strict types, unknown arguments rejected."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+@dataclass
+class ToolContext:
+    """What a handler gets besides its params."""
+
+    state: AppState
+    report: Reporter
+    """Sends a progress notification for this call (a no-op when the client asked for none)."""
+
+
+Handler = Callable[[ToolContext, Any], Awaitable[BaseModel]]
+
+
+def annotations(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False) -> ToolAnnotations:
+    """Explicit hints for every tool; RKLLM tools never reach outside this machine."""
+    return ToolAnnotations(read_only_hint=read_only, destructive_hint=destructive and not read_only,
+                           idempotent_hint=idempotent, open_world_hint=False)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One row of the registry."""
+
+    name: str
+    description: str
+    params: type[Params]
+    result: type[BaseModel]
+    handler: Handler
+    annotations: ToolAnnotations
+    streams: bool = False
+    c_function: str | None = None
+
+    def tool(self) -> Tool:
+        """The MCP Tool advertised in tools/list."""
+        return Tool(name=self.name, description=self.description,
+                    input_schema=self.params.model_json_schema(),
+                    output_schema=self.result.model_json_schema(mode="serialization"),
+                    annotations=self.annotations)
+
+
+def _validation_detail(exc: ValidationError) -> tuple[str, list[dict[str, Any]]]:
+    errors = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(arguments)"
+        errors.append({"field": loc, "problem": err["msg"]})
+    text = "; ".join(f"{e['field']}: {e['problem']}" for e in errors)
+    return text, errors
+
+
+class Registry:
+    """The tools a server exports, by name."""
+
+    def __init__(self, specs: Iterable[ToolSpec]):
+        self.specs: dict[str, ToolSpec] = {}
+        for spec in specs:
+            if spec.name in self.specs:
+                raise ValueError(f"tool {spec.name} registered twice")
+            self.specs[spec.name] = spec
+        self._tools = [spec.tool() for spec in self.specs.values()]
+
+    def tools(self) -> list[Tool]:
+        """Every Tool, in registration order."""
+        return list(self._tools)
+
+    def input_schema(self, name: str) -> dict[str, Any] | None:
+        """The input schema of `name`, or None."""
+        spec = self.specs.get(name)
+        return spec.params.model_json_schema() if spec else None
+
+    async def call(self, name: str, arguments: dict[str, Any] | None, ctx: ToolContext) -> CallToolResult:
+        """Validate, dispatch, and shape the result. Raises MCPError only for an unknown tool."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}",
+                           data={"known_tools": list(self.specs)})
+        try:
+            params = spec.params.model_validate(arguments or {})
+        except ValidationError as exc:
+            text, errors = _validation_detail(exc)
+            return error_result(RkllmError("INVALID_PARAMS", function=name, detail=text, errors=errors), name)
+        try:
+            result = await spec.handler(ctx, params)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except RkllmError as exc:
+            return error_result(exc, name)
+        except Exception as exc:
+            log.exception("tool %s failed", name)
+            return error_result(exc, name)
+        payload = result.model_dump(mode="json", exclude_none=True)
+        return CallToolResult(content=[TextContent(type="text", text=json.dumps(payload, ensure_ascii=False))],
+                              structured_content=payload)
+
+    def markdown_table(self) -> str:
+        """The README's tool table, generated from the registry."""
+        lines = ["| tool | C function | streams | read-only | destructive | what it does |", "|---|---|---|---|---|---|"]
+        for spec in self.specs.values():
+            a = spec.annotations
+            lines.append(
+                f"| `{spec.name}` | {f'`{spec.c_function}`' if spec.c_function else '-'} | "
+                f"{'yes' if spec.streams else 'no'} | {'yes' if a.read_only_hint else 'no'} | "
+                f"{'yes' if a.destructive_hint else 'no'} | {spec.description.splitlines()[0]} |"
+            )
+        return "\n".join(lines)
