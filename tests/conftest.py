@@ -15,6 +15,13 @@ from tests.fake_rkllm.build import build_fake
 GENERATIONS = ("1.2.0", "1.2.1", "1.3.0")
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on anyio's plugin (`pytestmark = pytest.mark.anyio`), on asyncio only:
+    the server is asyncio-only (uvicorn, call_soon_threadsafe in the relay)."""
+    return "asyncio"
+
+
 class FakeView:
     """The fake library's test hooks (records of what it received, call counts)."""
 

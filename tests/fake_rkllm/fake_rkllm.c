@@ -22,7 +22,8 @@
  * With -DFAKE_VERSION="X.Y.Z" it embeds "rkllm-runtime version: X.Y.Z" like the real library.
  *
  * Test hooks: fake_last(kind) -> JSON of the last record, fake_count(kind), fake_reset(),
- * fake_sizeof(struct), fake_offsetof(struct, field).
+ * fake_sizeof(struct), fake_offsetof(struct, field); with $FAKE_RKLLM_EVENTS_FILE set, every
+ * recorded kind is also appended to that file as a line (for servers in another process).
  */
 #include <pthread.h>
 #include <signal.h>
@@ -267,6 +268,12 @@ static void record(const char *kind, char *json) {
     int i = kind_slot(kind);
     if (json) { free(records[i].json); records[i].json = json; }
     records[i].count++;
+    /* Tests of servers running in another process read the calls from this file. */
+    const char *events = getenv("FAKE_RKLLM_EVENTS_FILE");
+    if (events) {
+        FILE *f = fopen(events, "a");
+        if (f) { fprintf(f, "%s\n", kind); fclose(f); }
+    }
     pthread_mutex_unlock(&records_lock);
 }
 static void count(const char *kind) { record(kind, NULL); }

@@ -1,0 +1,68 @@
+"""Helpers for tests that talk to a real server: environments for subprocesses, free ports, waiting."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def server_env(library: Path, events_file: Path | None = None, **extra: str) -> dict[str, str]:
+    """Environment for an `mcp-rkllm` subprocess using the fake runtime at `library`."""
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "PYTHONPATH": str(REPO),
+        "RKLLM_LIB_PATH": str(library),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if events_file is not None:
+        env["FAKE_RKLLM_EVENTS_FILE"] = str(events_file)
+    env.update(extra)
+    return env
+
+
+def events(events_file: Path) -> list[str]:
+    """The kinds the fake recorded in another process, in order."""
+    return events_file.read_text().split() if events_file.exists() else []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_http_server(transport: str, library: Path, events_file: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start `python -m mcp_rkllm --transport ...` on 127.0.0.1:port and wait until it accepts connections."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcp_rkllm", "--transport", transport, "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env(library, events_file), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("server did not start listening")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a server and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
