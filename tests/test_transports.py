@@ -1,0 +1,135 @@
+"""The server as a real process: stdio subprocess, Streamable HTTP and SSE on 127.0.0.1."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.sse import sse_client
+
+from tests.fake_rkllm.build import build_fake
+from tests.servers import REPO, events, free_port, server_env, start_http_server, stop
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def library() -> Path:
+    return build_fake("1.3.0", version="1.3.0")
+
+
+async def exercise(client: Client, model_file: Path) -> None:
+    """Init, stream a run, check progress adds up to the text, hit an error, destroy."""
+    tools = (await client.list_tools()).tools
+    assert len(tools) >= 15
+    init = await client.call_tool("rkllm_init", {"param": {"model_path": str(model_file), "max_new_tokens": 10}})
+    assert not init.is_error, init.content
+    handle = init.structured_content["handle"]  # type: ignore[index]
+    seen: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(message or "")
+
+    run = await client.call_tool("rkllm_run", {"handle": handle, "rkllm_input": {"prompt_input": "hey you fake:delay_ms=3"}},
+                                 progress_callback=on_progress)
+    assert not run.is_error
+    text = run.structured_content["text"]  # type: ignore[index]
+    assert text.startswith("hey you hey") and "".join(seen) == text and len(seen) >= 2
+    bad = await client.call_tool("rkllm_run", {"handle": "nope", "rkllm_input": {"prompt_input": "x"}})
+    assert bad.is_error and bad.structured_content["error"]["code"] == "UNKNOWN_HANDLE"  # type: ignore[index]
+    done = await client.call_tool("rkllm_destroy", {"handle": handle})
+    assert not done.is_error
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_stdio_subprocess(library: Path, model_file: Path, tmp_path: Path, mode: str) -> None:
+    ev = tmp_path / "events"
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_rkllm"], env=server_env(library, ev),
+                                   cwd=str(REPO))
+    with anyio.fail_after(60):
+        async with Client(params, mode=mode) as client:
+            await exercise(client, model_file)
+    assert "init" in events(ev) and "destroy" in events(ev)
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_stdio_cancel_aborts_the_run(library: Path, model_file: Path, tmp_path: Path, mode: str) -> None:
+    ev = tmp_path / "events"
+    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_rkllm"], env=server_env(library, ev),
+                                   cwd=str(REPO))
+    with anyio.fail_after(60):
+        async with Client(params, mode=mode) as client:
+            init = await client.call_tool("rkllm_init", {"param": {"model_path": str(model_file),
+                                                                   "max_new_tokens": 500}})
+            handle = init.structured_content["handle"]  # type: ignore[index]
+            first = anyio.Event()
+
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                first.set()
+
+            async with anyio.create_task_group() as tg:
+                async def slow() -> None:
+                    await client.call_tool("rkllm_run", {"handle": handle,
+                                                         "rkllm_input": {"prompt_input": "s fake:delay_ms=20"}},
+                                           progress_callback=on_progress)
+
+                tg.start_soon(slow)
+                await first.wait()
+                tg.cancel_scope.cancel()
+            while "abort_while_running" not in events(ev):
+                await anyio.sleep(0.02)
+            again = await client.call_tool("rkllm_run", {"handle": handle, "rkllm_input": {"prompt_input": "ok"},
+                                                         "rkllm_infer_params": {"max_new_tokens": 2}})
+            assert again.structured_content["text"] == "ok ok"  # type: ignore[index]
+
+
+@pytest.fixture(params=["http", "sse"])
+def http_server(request: pytest.FixtureRequest, library: Path, tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+    port = free_port()
+    ev = tmp_path / "events"
+    proc = start_http_server(request.param, library, ev, port)
+    try:
+        path = "/mcp" if request.param == "http" else "/sse"
+        yield request.param, f"http://127.0.0.1:{port}{path}", ev
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_http_transports(http_server: tuple[str, str, Path], model_file: Path, mode: str) -> None:
+    transport, url, ev = http_server
+    with anyio.fail_after(60):
+        if transport == "http":
+            async with Client(url, mode=mode) as client:
+                await exercise(client, model_file)
+        else:
+            async with Client(sse_client(url), mode=mode) as client:
+                await exercise(client, model_file)
+    assert "init" in events(ev)
+
+
+async def test_http_rejects_foreign_host_header(http_server: tuple[str, str, Path]) -> None:
+    """DNS-rebinding protection: a request naming another Host is refused."""
+    transport, url, _ = http_server
+    async with httpx.AsyncClient() as http:
+        headers: dict[str, Any] = {"Host": "evil.example:80", "Accept": "application/json, text/event-stream",
+                                   "Content-Type": "application/json"}
+        if transport == "http":
+            r = await http.post(url, headers=headers, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        else:
+            r = await http.get(url, headers=headers)
+        assert r.status_code in (403, 421)
+
+
+def test_non_loopback_bind_is_refused() -> None:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "mcp_rkllm", "--transport", "http", "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=30, env=server_env(Path("/nonexistent")), cwd=REPO)
+    assert proc.returncode == 2 and "loopback" in proc.stderr
