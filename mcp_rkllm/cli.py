@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -21,7 +22,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"mcp-rkllm {__version__}")
     p.add_argument("command", nargs="?", default="serve", choices=["serve"], help="what to do (default: serve)")
-    p.add_argument("--transport", choices=["stdio", "http", "sse"], help="default stdio; http = Streamable HTTP at /mcp")
+    p.add_argument("--transport", choices=["stdio", "http", "sse"],
+                   help="default stdio; http = Streamable HTTP at /mcp; sse = legacy HTTP+SSE at /sse")
     p.add_argument("--host", help="HTTP/SSE bind address (default 127.0.0.1; loopback only)")
     p.add_argument("--port", type=int, help="HTTP/SSE port (default 8000)")
     p.add_argument("--library", help="path of librkllmrt.so or its directory (default: search /usr/lib, "
@@ -47,8 +49,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mcp_rkllm.server import configure_logging, serve
 
     configure_logging(settings.log_level)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         anyio.run(serve, settings)
-    except KeyboardInterrupt:
-        pass
     return 0

@@ -13,7 +13,7 @@ Enums accept their C names (`"RKLLM_INFER_GET_LOGITS"`) or integers (`2`) and se
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -52,15 +52,12 @@ class RKLLMInferMode(IntEnum):
     RKLLM_INFER_GET_LOGITS = 2
 
 
-E = TypeVar("E", bound=IntEnum)
-
-
-def _c_enum(enum_cls: type[E]) -> Any:
-    """An annotated type accepting an enum's C names or integer values, serialised as the name."""
+def _parse_enum(enum_cls: type[IntEnum]) -> PlainValidator:
+    """A validator accepting an enum's C names or integer values."""
     names = [m.name for m in enum_cls]
     values = [int(m) for m in enum_cls]
 
-    def parse(value: Any) -> E:
+    def parse(value: Any) -> IntEnum:
         if isinstance(value, enum_cls):
             return value
         if isinstance(value, str) and value in enum_cls.__members__:
@@ -69,18 +66,22 @@ def _c_enum(enum_cls: type[E]) -> Any:
             return enum_cls(value)
         raise ValueError(f"expected one of {names} or an integer in {values}, got {value!r}")
 
-    return Annotated[
-        enum_cls,
-        PlainValidator(parse),
-        PlainSerializer(lambda member: member.name, return_type=str),
-        WithJsonSchema({"anyOf": [{"type": "string", "enum": names}, {"type": "integer", "enum": values}],
-                        "description": f"{enum_cls.__name__}: a C name or its integer value"}),
-    ]
+    return PlainValidator(parse)
 
 
-InputTypeField = _c_enum(RKLLMInputType)
-InferModeField = _c_enum(RKLLMInferMode)
-CallStateField = _c_enum(LLMCallState)
+def _enum_schema(enum_cls: type[IntEnum]) -> WithJsonSchema:
+    """The JSON schema of a C enum: its names or its integer values."""
+    return WithJsonSchema({
+        "anyOf": [{"type": "string", "enum": [m.name for m in enum_cls]},
+                  {"type": "integer", "enum": [int(m) for m in enum_cls]}],
+        "description": f"{enum_cls.__name__}: a C name or its integer value",
+    })
+
+
+_AS_NAME = PlainSerializer(lambda member: member.name, return_type=str)
+
+InputTypeField = Annotated[RKLLMInputType, _parse_enum(RKLLMInputType), _AS_NAME, _enum_schema(RKLLMInputType)]
+InferModeField = Annotated[RKLLMInferMode, _parse_enum(RKLLMInferMode), _AS_NAME, _enum_schema(RKLLMInferMode)]
 
 # C integer types, bounded so a value always fits the C field.
 Int8 = Annotated[int, Field(ge=-(2**7), le=2**7 - 1)]
@@ -230,9 +231,9 @@ class RKLLMMultiModalInput(CStruct):
             raise ValueError("give the image either as `image` (1.3.0) or as flat fields (1.2.x), not both")
         if (self.image_embed is None) != (self.n_image_tokens is None):
             raise ValueError("image_embed and n_image_tokens go together")
-        if self.image_embed is not None and self.n_image_tokens is not None:
-            if self.n_image_tokens < 1 or len(self.image_embed) % (self.n_image_tokens * (self.n_image or 1)):
-                raise ValueError("len(image_embed) is not a multiple of n_image * n_image_tokens")
+        if (self.image_embed is not None and self.n_image_tokens is not None and (
+                self.n_image_tokens < 1 or len(self.image_embed) % (self.n_image_tokens * (self.n_image or 1)))):
+            raise ValueError("len(image_embed) is not a multiple of n_image * n_image_tokens")
         return self
 
     def as_nested(self) -> RKLLMMultiModalInput:
@@ -281,13 +282,15 @@ class RKLLMInput(CStruct):
     @model_validator(mode="after")
     def _one_member(self) -> RKLLMInput:
         given = [m for m in _MEMBER_FOR_TYPE.values() if getattr(self, m) is not None]
-        if self.input_type is None:
+        input_type = self.input_type
+        if input_type is None:
             if len(given) != 1:
                 raise ValueError("set exactly one of prompt_input, token_input, embed_input, multimodal_input")
-            self.input_type = next(t for t, m in _MEMBER_FOR_TYPE.items() if m == given[0])
-        wanted = _MEMBER_FOR_TYPE[self.input_type]
+            input_type = next(t for t, m in _MEMBER_FOR_TYPE.items() if m == given[0])
+            self.input_type = input_type
+        wanted = _MEMBER_FOR_TYPE[input_type]
         if given != [wanted]:
-            raise ValueError(f"input_type {self.input_type.name} needs exactly `{wanted}` set (got {given})")
+            raise ValueError(f"input_type {input_type.name} needs exactly `{wanted}` set (got {given})")
         return self
 
     @property
@@ -310,7 +313,8 @@ class RKLLMPromptCacheParam(CStruct):
     """Save this run's prefill KV to a file."""
 
     save_prompt_cache: Int32 = Field(1, description="1 = save, 0 = don't.")
-    prompt_cache_path: str | None = Field(None, description="File to write (the runtime's default: ./prompt_cache.bin).")
+    prompt_cache_path: str | None = Field(
+        None, description="File to write (the runtime's default: ./prompt_cache.bin).")
 
 
 class RKLLMSamplingParam(CStruct):

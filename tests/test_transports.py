@@ -36,8 +36,8 @@ async def exercise(client: Client, model_file: Path) -> None:
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append(message or "")
 
-    run = await client.call_tool("rkllm_run", {"handle": handle, "rkllm_input": {"prompt_input": "hey you fake:delay_ms=3"}},
-                                 progress_callback=on_progress)
+    args = {"handle": handle, "rkllm_input": {"prompt_input": "hey you fake:delay_ms=3"}}
+    run = await client.call_tool("rkllm_run", args, progress_callback=on_progress)
     assert not run.is_error
     text = run.structured_content["text"]  # type: ignore[index]
     assert text.startswith("hey you hey") and "".join(seen) == text and len(seen) >= 2

@@ -94,7 +94,7 @@ def scan_version(path: str) -> tuple[int, int, int] | None:
     """The runtime version named by a `rkllm-runtime version: X.Y.Z` string in the file, if any."""
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            m = _VERSION_RE.search(data)  # type: ignore[call-overload]
+            m = _VERSION_RE.search(data)
             if m is None:
                 return None
             return int(m.group(1)), int(m.group(2)), int(m.group(3))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mcp_rkllm.structs import (
+    FinishReason,
     RKLLMCrossAttnParam,
     RKLLMInferMode,
     RKLLMInferParam,
@@ -120,6 +121,7 @@ class RunCollector:
     def result(self, aborted: bool = False) -> RunResult:
         """The RunResult so far; finish_reason says why the run ended."""
         count = len(self.token_ids)
+        reason: FinishReason
         if self.error is not None:
             reason = "error"
         elif aborted:

@@ -16,6 +16,7 @@ All state of a run lives in its Relay; nothing is global.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -56,10 +57,8 @@ class Relay(Generic[T]):
         self._queue.append(event)
         if not self._scheduled:
             self._scheduled = True
-            try:
+            with contextlib.suppress(RuntimeError):  # loop closed: the client is gone, nobody to tell
                 self._loop.call_soon_threadsafe(self._on_wake)
-            except RuntimeError:  # loop closed: the client is gone, nobody to tell
-                pass
 
     def _on_wake(self) -> None:
         self._scheduled = False
@@ -113,10 +112,8 @@ class Relay(Generic[T]):
                 box["error"] = exc
             finally:
                 self._thread_done.set()
-                try:
+                with contextlib.suppress(RuntimeError):
                     self._loop.call_soon_threadsafe(self._on_end)
-                except RuntimeError:
-                    pass
 
         threading.Thread(target=target, name="rkllm-run", daemon=True).start()
         try:

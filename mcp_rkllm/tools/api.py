@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,25 +27,26 @@ from mcp_rkllm.structs import (
     RunResult,
 )
 from mcp_rkllm.tools.handles import AsyncRunState, HandleEntry
-from mcp_rkllm.tools.registry import Params, ToolContext, ToolSpec, annotations
+from mcp_rkllm.tools.registry import Handler, Params, ToolContext, ToolSpec, tool_annotations
 
 TOOLS: list[ToolSpec] = []
+H = TypeVar("H", bound=Handler)
 
 HandleId = Annotated[str, Field(description="The opaque id rkllm_init returned.", min_length=1, max_length=64)]
 
 
 def register(name: str, params: type[Params], result: type[BaseModel], *, read_only: bool = False,
              destructive: bool = False, idempotent: bool = False, streams: bool = False,
-             c_function: str | None = None) -> Any:
+             c_function: str | None = None) -> Callable[[H], H]:
     """Decorator adding a handler to TOOLS; the docstring is the tool's description.
 
     `c_function` defaults to the tool's name; "" marks a tool with no C counterpart.
     """
-    def wrap(fn: Any) -> Any:
+    def wrap(fn: H) -> H:
         TOOLS.append(ToolSpec(name=name, description=(fn.__doc__ or "").strip(), params=params, result=result,
                               handler=fn, streams=streams,
                               c_function=name if c_function is None else (c_function or None),
-                              annotations=annotations(read_only=read_only, destructive=destructive,
+                              annotations=tool_annotations(read_only=read_only, destructive=destructive,
                                                       idempotent=idempotent)))
         return fn
     return wrap
@@ -137,7 +139,7 @@ async def destroy(ctx: ToolContext, p: HandleParams) -> DestroyResult:
 class RunParams(Params):
     handle: HandleId
     rkllm_input: RKLLMInput = Field(description='What to run, e.g. {"prompt_input": "Hello"}.')
-    rkllm_infer_params: RKLLMInferParam = Field(default_factory=RKLLMInferParam,
+    rkllm_infer_params: RKLLMInferParam = Field(default_factory=lambda: RKLLMInferParam(),
                                                 description="Mode, LoRA, prompt cache, sampling, keep_history.")
 
 

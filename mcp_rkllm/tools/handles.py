@@ -9,6 +9,7 @@ asynchronous run can give it back from the runtime's thread when it ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -21,7 +22,7 @@ import anyio
 
 from mcp_rkllm.config import Settings
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.runtime.base import AsyncRun, LoadedModel, Runtime, RunEvent, Token, Waiting
+from mcp_rkllm.runtime.base import AsyncRun, LoadedModel, RunEvent, Runtime, Token, Waiting
 from mcp_rkllm.structs import RKLLMParam, RunResult
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,8 @@ class AsyncRunState:
         with self._lock:
             waiters = list(self._waiters)
         for loop, event in waiters:
-            try:
+            with contextlib.suppress(RuntimeError):  # that waiter's loop is closed
                 loop.call_soon_threadsafe(event.set)
-            except RuntimeError:
-                pass
 
     def text_since(self, offset: int) -> str:
         """The generated text from character `offset` on."""

@@ -44,7 +44,8 @@ class ToolContext:
 Handler = Callable[[ToolContext, Any], Awaitable[BaseModel]]
 
 
-def annotations(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False) -> ToolAnnotations:
+def tool_annotations(*, read_only: bool = False, destructive: bool = False,
+                     idempotent: bool = False) -> ToolAnnotations:
     """Explicit hints for every tool; RKLLM tools never reach outside this machine."""
     return ToolAnnotations(read_only_hint=read_only, destructive_hint=destructive and not read_only,
                            idempotent_hint=idempotent, open_world_hint=False)
@@ -126,7 +127,8 @@ class Registry:
 
     def markdown_table(self) -> str:
         """The README's tool table, generated from the registry."""
-        lines = ["| tool | C function | streams | read-only | destructive | what it does |", "|---|---|---|---|---|---|"]
+        lines = ["| tool | C function | streams | read-only | destructive | what it does |",
+                 "|---|---|---|---|---|---|"]
         for spec in self.specs.values():
             a = spec.annotations
             lines.append(
