@@ -31,8 +31,8 @@ _ROWS: tuple[ErrorSpec, ...] = (
     ErrorSpec("INVALID_PARAMS", -32001, "Invalid arguments for {function}: {detail}", False,
               "Fix the arguments to match the tool's input schema; the message names each bad field."),
     ErrorSpec("UNKNOWN_HANDLE", -32002, "No loaded model has handle {handle!r}", False,
-              "Call rkllm_init (or load_model) first and pass the handle it returned; handles die "
-              "with rkllm_destroy and with a server restart."),
+              "Call rkllm_init first and pass the handle it returned; handles die with rkllm_destroy "
+              "and with a server restart."),
     ErrorSpec("BUSY", -32003, "Handle {handle} is busy with another run (waited {waited_s:g} s)", True,
               "Wait for the current run to finish, cancel it with rkllm_abort, or retry later."),
     ErrorSpec("RKLLM_CALL_FAILED", -32004, "{function} returned {rc}{detail}", False,
@@ -55,11 +55,11 @@ _ROWS: tuple[ErrorSpec, ...] = (
               "{struct}.{field} does not exist in RKLLM ABI {abi}, so the value you set cannot be passed",
               False, "Leave the field out (or at its default), or upgrade the runtime to a release that has it."),
     ErrorSpec("NOT_SUPPORTED", -32011, "{what} is not supported{detail}", False,
-              "Use another input type, mode or runtime; server_status lists what this runtime supports."),
+              "Use another input type, mode or runtime; rkllm_init's result names the runtime and ABI in use."),
     ErrorSpec("MODEL_NOT_FOUND", -32012, "Model {name!r} not found{detail}", False,
-              "Check the path or name; list_models shows the models the server can see."),
+              "Check the model path or name."),
     ErrorSpec("PATH_NOT_ALLOWED", -32013, "Path {path!r} is outside the allowed roots {roots}", False,
-              "Use a path inside one of the allowed roots, or start the server with --models DIR."),
+              "Use a path inside one of the allowed roots."),
     ErrorSpec("LIMIT_EXCEEDED", -32014, "{what} is {value}, over the limit of {limit}", False,
               "Send a smaller request, or raise the limit in the server's settings."),
     ErrorSpec("GENERATION_ERROR", -32015, "The runtime reported RKLLM_RUN_ERROR during {function}{detail}",
@@ -151,6 +151,6 @@ def markdown_table() -> str:
     for row in _ROWS:
         lines.append(
             f"| `{row.code}` | {row.number} | {'yes' if row.retryable else 'no'} | "
-            f"{row.template.replace('|', '/')} | {row.hint} |"
+            f"{row.template.replace('!r}', '}').replace('|', '/')} | {row.hint} |"
         )
     return "\n".join(lines)
