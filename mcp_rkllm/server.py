@@ -38,7 +38,13 @@ def build_registry() -> Registry:
     return Registry(api.TOOLS)
 
 
-def build_server(settings: Settings, runtime: Runtime | None = None) -> Server[AppState]:
+class RkllmServer(Server[AppState]):
+    """The low-level MCP Server, with the state its tools share."""
+
+    state: AppState
+
+
+def build_server(settings: Settings, runtime: Runtime | None = None) -> RkllmServer:
     """The MCP server for `settings` (separate from serving it; tests call it in-process).
 
     `runtime` injects an already open runtime; by default the lifespan opens one from settings.
@@ -59,13 +65,17 @@ def build_server(settings: Settings, runtime: Runtime | None = None) -> Server[A
         return ListToolsResult(tools=registry.tools())
 
     async def call_tool(ctx: ServerRequestContext[AppState], params: CallToolRequestParams) -> CallToolResult:
-        return await registry.call(params.name, params.arguments, ToolContext(state, ctx.session.report_progress))
+        # On Streamable HTTP the request that carries tools/call also carries its response stream,
+        # so its disconnection means the client left. (On SSE it is a POST answered at once.)
+        gone = getattr(ctx.request, "is_disconnected", None) if state.request_is_response_stream else None
+        return await registry.call(params.name, params.arguments,
+                                   ToolContext(state, ctx.session.report_progress, gone))
 
-    server: Server[AppState] = Server(
+    server = RkllmServer(
         "mcp-rkllm", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
         on_list_tools=list_tools, on_call_tool=call_tool, get_tool_input_schema=registry.input_schema,
     )
-    server.app_state = state  # type: ignore[attr-defined]  # for tests and the CLI
+    server.state = state
     return server
 
 
@@ -83,8 +93,9 @@ async def serve_stdio(server: Server[Any]) -> None:
         await server.run(read, write, server.create_initialization_options())
 
 
-def http_app(server: Server[Any], settings: Settings) -> Any:
+def http_app(server: RkllmServer, settings: Settings) -> Any:
     """The Streamable HTTP app (endpoint /mcp); DNS-rebinding protection is on for loopback hosts."""
+    server.state.request_is_response_stream = True
     return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host)
 
 

@@ -329,3 +329,19 @@ async def test_handles_are_destroyed_when_the_server_stops(fake_path: Path, fake
         await init(c, model_file)
         await init(c, model_file)
     assert fake.count("destroy") == 2
+
+
+@pytest.mark.parametrize("abi", ["1.3.0"])
+async def test_fast_runtime_is_coalesced_and_loses_nothing(client: Client, model_file: Path) -> None:
+    """Tokens arriving faster than notifications go out are batched; the concatenation is still exact."""
+    h = await init(client, model_file, max_new_tokens=20000)
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    r = await call(client, "rkllm_run", {"handle": h, "rkllm_input": {"prompt_input": "tok en"}},
+                   progress_callback=on_progress)
+    assert r["token_count"] == 20000
+    assert "".join(messages) == r["text"]
+    assert len(messages) < 20000 / 2  # coalesced (one notification per token would be ~15000)

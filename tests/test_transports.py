@@ -133,3 +133,59 @@ def test_non_loopback_bind_is_refused() -> None:
     proc = subprocess.run([sys.executable, "-m", "mcp_rkllm", "--transport", "http", "--host", "0.0.0.0"],
                           capture_output=True, text=True, timeout=30, env=server_env(Path("/nonexistent")), cwd=REPO)
     assert proc.returncode == 2 and "loopback" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["legacy"])
+async def test_http_runs_longer_than_the_disconnect_poll_finish(http_server: tuple[str, str, Path],
+                                                                model_file: Path, mode: str) -> None:
+    """The dropped-client watcher must not mistake a live client for a gone one (HTTP and SSE)."""
+    transport, url, ev = http_server
+    connect = url if transport == "http" else sse_client(url)
+    with anyio.fail_after(60):
+        async with Client(connect, mode=mode) as client:  # type: ignore[arg-type]
+            init = await client.call_tool("rkllm_init", {"param": {"model_path": str(model_file),
+                                                                   "max_new_tokens": 15}})
+            handle = init.structured_content["handle"]  # type: ignore[index]
+            run = await client.call_tool("rkllm_run", {"handle": handle,
+                                                       "rkllm_input": {"prompt_input": "w fake:delay_ms=50"}})
+            assert run.structured_content["finish_reason"] == "length"  # type: ignore[index]
+    assert "abort" not in events(ev)
+
+
+def test_dropped_http_client_aborts_the_run(library: Path, model_file: Path, tmp_path: Path) -> None:
+    """Streamable HTTP keeps requests alive across a dropped connection; the server must still abort."""
+    import json
+    import time
+
+    ev = tmp_path / "events"
+    port = free_port()
+    proc = start_http_server("http", library, ev, port)
+    url = f"http://127.0.0.1:{port}/mcp"
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+    def data(response_text: str) -> dict[str, Any]:
+        return json.loads(response_text.split("data: ", 1)[1].split("\n", 1)[0])  # type: ignore[no-any-return]
+
+    try:
+        with httpx.Client(timeout=10) as http:
+            r = http.post(url, headers=headers, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+            session = dict(headers, **{"mcp-session-id": r.headers["mcp-session-id"],
+                                       "mcp-protocol-version": "2025-11-25"})
+            http.post(url, headers=session, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+            r = http.post(url, headers=session, json={"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+                "name": "rkllm_init", "arguments": {"param": {"model_path": str(model_file), "max_new_tokens": 500}}}})
+            handle = data(r.text)["result"]["structuredContent"]["handle"]
+            call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+                "name": "rkllm_run", "_meta": {"progressToken": "t"},
+                "arguments": {"handle": handle, "rkllm_input": {"prompt_input": "x fake:delay_ms=20"}}}}
+            with http.stream("POST", url, headers=session, json=call) as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("data:") and "notifications/progress" in line:
+                        break  # walk away mid-run
+        deadline = time.monotonic() + 5
+        while "abort_while_running" not in events(ev):
+            assert time.monotonic() < deadline, f"no abort after the client left: {events(ev)}"
+            time.sleep(0.05)
+    finally:
+        stop(proc)

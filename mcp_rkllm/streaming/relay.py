@@ -34,12 +34,19 @@ T = TypeVar("T")
 #: Sends one progress notification: (progress, total, message).
 Reporter = Callable[[float, float | None, str | None], Awaitable[None]]
 
+#: Tells whether the client of this call has gone away (a dropped HTTP connection).
+GoneCheck = Callable[[], Awaitable[bool]]
+
+#: How often a run checks that its HTTP client is still connected.
+DISCONNECT_POLL_SECONDS = 0.25
+
 
 class Relay(Generic[T]):
     """Carries the events of one run to `report`. Create it on the event loop that will pump it."""
 
-    def __init__(self, report: Reporter, total: int | None = None):
+    def __init__(self, report: Reporter, total: int | None = None, gone: GoneCheck | None = None):
         self._report = report
+        self._gone = gone
         self._total = float(total) if total else None
         self._loop = asyncio.get_running_loop()
         self._queue: deque[RunEvent] = deque()
@@ -49,6 +56,7 @@ class Relay(Generic[T]):
         self._thread_done = threading.Event()
         self.tokens = 0
         self.notifications = 0
+        self.client_gone = False
 
     # ----------------------------------------------------------------- any thread
 
@@ -87,6 +95,18 @@ class Relay(Generic[T]):
             self.notifications += 1
             await self._report(tokens, self._total, text)
 
+    async def _watch_client(self, scope: anyio.CancelScope) -> None:
+        # Streamable HTTP keeps a request alive when its connection drops (clients may resume),
+        # so a vanished client would otherwise leave the NPU generating for nobody.
+        assert self._gone is not None
+        while True:
+            await anyio.sleep(DISCONNECT_POLL_SECONDS)
+            if await self._gone():
+                log.info("client disconnected: aborting the run")
+                self.client_gone = True
+                scope.cancel()
+                return
+
     async def _pump(self) -> None:
         while True:
             await self._wake.wait()
@@ -117,7 +137,13 @@ class Relay(Generic[T]):
 
         threading.Thread(target=target, name="rkllm-run", daemon=True).start()
         try:
-            await self._pump()
+            async with anyio.create_task_group() as tg:
+                if self._gone is not None:
+                    tg.start_soon(self._watch_client, tg.cancel_scope)
+                await self._pump()
+                tg.cancel_scope.cancel()
+            if self.client_gone:
+                raise anyio.get_cancelled_exc_class()()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 try:

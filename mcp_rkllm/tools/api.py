@@ -166,7 +166,7 @@ async def run(ctx: ToolContext, p: RunParams) -> RunToolResult:
     model = entry.model
     total = effective_max_new_tokens(model, p.rkllm_infer_params) if produces_text(p.rkllm_infer_params) else None
     async with entry.using(ctx.state.settings.busy_timeout, "rkllm_run"):
-        relay: Relay[RunResult] = Relay(ctx.report, total)
+        relay: Relay[RunResult] = Relay(ctx.report, total, ctx.gone)
         result = await relay.run(lambda: model.run(p.rkllm_input, p.rkllm_infer_params, relay.sink),
                                  model.abort, ctx.state.settings.abort_timeout)
         entry.runs += 1

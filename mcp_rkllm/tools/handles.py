@@ -134,6 +134,8 @@ class AppState:
         self.handles: dict[str, HandleEntry] = {}
         self._users = 0
         self._opened = runtime is not None
+        self.request_is_response_stream = False
+        """True on Streamable HTTP: a dropped tools/call request means the client is gone."""
 
     def open(self) -> None:
         """Load the runtime once (after the transport is up; never at import)."""

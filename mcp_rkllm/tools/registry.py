@@ -20,7 +20,7 @@ from mcp.types import INVALID_PARAMS, CallToolResult, TextContent, Tool, ToolAnn
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mcp_rkllm.errors import RkllmError, error_result
-from mcp_rkllm.streaming.relay import Reporter
+from mcp_rkllm.streaming.relay import GoneCheck, Reporter
 from mcp_rkllm.tools.handles import AppState
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class ToolContext:
     state: AppState
     report: Reporter
     """Sends a progress notification for this call (a no-op when the client asked for none)."""
+    gone: GoneCheck | None = None
+    """For HTTP calls: whether the client's connection has dropped."""
 
 
 Handler = Callable[[ToolContext, Any], Awaitable[BaseModel]]
