@@ -10,7 +10,8 @@ from mcp_rkllm.config import Settings, is_loopback
 
 def test_defaults() -> None:
     s = Settings.load({}, {})
-    assert (s.transport, s.host, s.port, s.runtime, s.library, s.abi) == ("stdio", "127.0.0.1", 8000, "auto", None, None)
+    assert (s.transport, s.host, s.port, s.runtime) == ("stdio", "127.0.0.1", 8000, "auto")
+    assert s.library is None and s.abi is None
 
 
 def test_environment_then_flags() -> None:
