@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 Transport = Literal["stdio", "http", "sse"]
-RuntimeChoice = Literal["auto", "native"]
+RuntimeChoice = Literal["auto", "native", "cpu"]
 
 #: Settings field -> environment variable.
 ENV_VARS: dict[str, str] = {
@@ -22,6 +22,8 @@ ENV_VARS: dict[str, str] = {
     "busy_timeout": "MCP_RKLLM_BUSY_TIMEOUT",
     "abort_timeout": "MCP_RKLLM_ABORT_TIMEOUT",
     "log_level": "MCP_RKLLM_LOG_LEVEL",
+    "models": "MCP_RKLLM_MODELS",
+    "model": "MCP_RKLLM_MODEL",
 }
 
 
@@ -42,6 +44,10 @@ class Settings:
     abort_timeout: float = 30.0
     """Seconds a cancelled run waits for the runtime to stop after rkllm_abort."""
     log_level: str = "INFO"
+    models: tuple[str, ...] = ()
+    """Model root directories; empty = the per-user default (see mcp_rkllm.models.store)."""
+    model: str | None = None
+    """The default model's name, loaded by generate/chat when no model or handle is given."""
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -52,10 +58,11 @@ class Settings:
         for name, var in ENV_VARS.items():
             raw = environ.get(var)
             if raw not in (None, ""):
-                values[name] = _convert(name, str(types[name]), raw)
+                values[name] = (tuple(d for d in str(raw).split(os.pathsep) if d) if name == "models"
+                                else _convert(name, str(types[name]), str(raw)))
         for name, value in (flags or {}).items():
             if value is not None and name in types:
-                values[name] = value
+                values[name] = tuple(value) if name == "models" else value
         settings = cls(**values)
         settings.validate()
         return settings
@@ -68,8 +75,8 @@ class Settings:
         """Raise ValueError for settings that cannot work."""
         if self.transport not in ("stdio", "http", "sse"):
             raise ValueError(f"transport must be stdio, http or sse, not {self.transport!r}")
-        if self.runtime not in ("auto", "native"):
-            raise ValueError(f"runtime must be auto or native, not {self.runtime!r}")
+        if self.runtime not in ("auto", "native", "cpu"):
+            raise ValueError(f"runtime must be auto, native or cpu, not {self.runtime!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
         if self.busy_timeout < 0 or self.abort_timeout <= 0:

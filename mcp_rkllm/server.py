@@ -20,7 +20,7 @@ from mcp.types import CallToolRequestParams, CallToolResult, ListToolsResult, Pa
 from mcp_rkllm import __version__
 from mcp_rkllm.config import Settings
 from mcp_rkllm.runtime.base import Runtime
-from mcp_rkllm.tools import api
+from mcp_rkllm.tools import api, friendly
 from mcp_rkllm.tools.handles import AppState
 from mcp_rkllm.tools.registry import Registry, ToolContext
 
@@ -35,7 +35,7 @@ INSTRUCTIONS = (
 
 def build_registry() -> Registry:
     """The registry of every exported tool."""
-    return Registry(api.TOOLS)
+    return Registry([*api.TOOLS, *friendly.TOOLS])
 
 
 class RkllmServer(Server[AppState]):

@@ -137,6 +137,14 @@ class RKLLMParam(CStruct):
     extend_param: RKLLMExtendParam | None = None
 
 
+def overlay_param(base: RKLLMParam, top: RKLLMParam) -> RKLLMParam:
+    """`base` with every field `top` sets (extend_param merged field by field)."""
+    data = base.model_dump(exclude_none=True)
+    given = top.model_dump(exclude_none=True)
+    ext = {**data.pop("extend_param", {}), **given.pop("extend_param", {})}
+    return RKLLMParam.model_validate({**data, **given, **({"extend_param": ext} if ext else {})})
+
+
 # --------------------------------------------------------------------------- inputs
 
 

@@ -58,6 +58,8 @@ _ROWS: tuple[ErrorSpec, ...] = (
               "Use another input type, mode or runtime; rkllm_init's result names the runtime and ABI in use."),
     ErrorSpec("MODEL_NOT_FOUND", -32012, "Model {name!r} not found{detail}", False,
               "Check the model path or name."),
+    ErrorSpec("MODEL_AMBIGUOUS", -32020, "Model name {name!r} matches several models: {candidates}", False,
+              "Use a longer name or the full file name."),
     ErrorSpec("PATH_NOT_ALLOWED", -32013, "Path {path!r} is outside the allowed roots {roots}", False,
               "Use a path inside one of the allowed roots."),
     ErrorSpec("LIMIT_EXCEEDED", -32014, "{what} is {value}, over the limit of {limit}", False,

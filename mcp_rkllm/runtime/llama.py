@@ -19,7 +19,6 @@ import concurrent.futures
 import ctypes
 import json
 import os
-import threading
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -51,6 +50,7 @@ from mcp_rkllm.structs import (
     RKLLMPerfStat,
     RKLLMSamplingParam,
     RunResult,
+    overlay_param,
 )
 
 #: llama.cpp rounds n_ctx up to a multiple of this; request multiples so positions are not dropped.
@@ -128,7 +128,7 @@ class LlamaCppRuntime:
 
     def init(self, param: RKLLMParam) -> LlamaModel:
         """Load a GGUF model with `param` overlaid on create_default_param()."""
-        merged = _overlay(self.create_default_param(), param)
+        merged = overlay_param(self.create_default_param(), param)
         path = merged.model_path
         if not path:
             raise RkllmError("INVALID_PARAMS", function="rkllm_init", detail="param.model_path is required")
@@ -144,13 +144,6 @@ class LlamaCppRuntime:
             raise RkllmError("NOT_SUPPORTED", function="rkllm_init", what=f"the model file {Path(path).name}",
                              detail=" by the CPU runtime, which loads .gguf models (.rkllm needs the NPU runtime)")
         return LlamaModel(self, merged)
-
-
-def _overlay(base: RKLLMParam, top: RKLLMParam) -> RKLLMParam:
-    data = base.model_dump(exclude_none=True)
-    given = top.model_dump(exclude_none=True)
-    ext = {**data.pop("extend_param", {}), **given.pop("extend_param", {})}
-    return RKLLMParam.model_validate({**data, **given, "extend_param": ext})
 
 
 @dataclass
@@ -225,7 +218,7 @@ class LlamaModel:
         threads = int(ext.enabled_cpus_num or self.runtime.n_threads)
         self.n_ctx_requested = _round_ctx(int(p.max_context_len or 2048))
         try:
-            self.llm = Llama(model_path=p.model_path, n_ctx=self.n_ctx_requested, n_batch=N_BATCH,
+            self.llm = Llama(model_path=str(p.model_path), n_ctx=self.n_ctx_requested, n_batch=N_BATCH,
                              n_threads=threads, n_threads_batch=threads, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise RkllmError("RKLLM_CALL_FAILED", function="rkllm_init", rc=-1, detail=f": {exc}") from exc
@@ -322,7 +315,7 @@ class LlamaModel:
 
         fmt = Jinja2ChatFormatter(template=self.chat_template, eos_token="", bos_token="",
                                   add_generation_prompt=True)
-        return str(fmt(messages=messages).prompt)
+        return str(fmt(messages=messages).prompt)  # type: ignore[arg-type]
 
     def _tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=True))
@@ -363,7 +356,10 @@ class LlamaModel:
     def _sampler(self, s: RKLLMSamplingParam) -> Any:
         L = self.L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        add = lambda smpl: L.llama_sampler_chain_add(chain, smpl)  # noqa: E731 - the chain owns each sampler
+
+        def add(sampler: Any) -> None:  # the chain takes ownership of each sampler
+            L.llama_sampler_chain_add(chain, sampler)
+
         if self.param.ignore_eos_token and self.eog:
             bias = (L.llama_logit_bias * len(self.eog))()
             for i, t in enumerate(self.eog):
@@ -419,7 +415,6 @@ class LlamaModel:
     # ----------------------------------------------------------------- the run (model thread)
 
     def _run(self, inp: RKLLMInput, infer: RKLLMInferParam, sink: EventSink) -> RunResult:
-        L = self.L
         collector = RunCollector(effective_max_new_tokens(self, infer))
 
         def emit(event: RunEvent) -> None:
@@ -667,6 +662,25 @@ class LlamaModel:
             self.system_tokens = self._system_prefix_tokens()
 
         self._call(apply)
+
+    def prime_history(self, messages: list[dict[str, str]]) -> None:
+        """Make `messages` the conversation the next keep_history run continues (for the chat tool).
+
+        The next run renders them with the chat template and reuses whatever prefix the KV cache holds.
+        """
+        tag = self.tools[2] if self.tools else "tool_response"
+
+        def prime() -> None:
+            self.history = [{"role": "user", "content": f"<{tag}>\n{m['content']}\n</{tag}>"}
+                            if m["role"] == "tool" else dict(m) for m in messages]
+            self.kv_logical = 0
+
+        self._call(prime)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of raw `text` (no chat template), for embeddings."""
+        return self._call(lambda: list(self.llm.tokenize(text.encode("utf-8"), add_bos=False,  # type: ignore[no-any-return]
+                                                         special=False)))
 
     def set_cross_attn_params(self, cross_attn_params: RKLLMCrossAttnParam) -> None:
         """Not available on llama.cpp."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,29 +27,17 @@ from mcp_rkllm.structs import (
     RunResult,
 )
 from mcp_rkllm.tools.handles import AsyncRunState, HandleEntry
-from mcp_rkllm.tools.registry import Handler, Params, ToolContext, ToolSpec, tool_annotations
+from mcp_rkllm.tools.registry import H, HandleId, Params, ToolContext, ToolTable
 
-TOOLS: list[ToolSpec] = []
-H = TypeVar("H", bound=Handler)
-
-HandleId = Annotated[str, Field(description="The opaque id rkllm_init returned.", min_length=1, max_length=64)]
+TOOLS = ToolTable()
 
 
 def register(name: str, params: type[Params], result: type[BaseModel], *, read_only: bool = False,
              destructive: bool = False, idempotent: bool = False, streams: bool = False,
              c_function: str | None = None) -> Callable[[H], H]:
-    """Decorator adding a handler to TOOLS; the docstring is the tool's description.
-
-    `c_function` defaults to the tool's name; "" marks a tool with no C counterpart.
-    """
-    def wrap(fn: H) -> H:
-        TOOLS.append(ToolSpec(name=name, description=(fn.__doc__ or "").strip(), params=params, result=result,
-                              handler=fn, streams=streams,
-                              c_function=name if c_function is None else (c_function or None),
-                              annotations=tool_annotations(read_only=read_only, destructive=destructive,
-                                                      idempotent=idempotent)))
-        return fn
-    return wrap
+    """TOOLS.tool for an rkllm_* function: `c_function` defaults to the tool's name ("" = none)."""
+    return TOOLS.tool(name, params, result, read_only=read_only, destructive=destructive, idempotent=idempotent,
+                      streams=streams, c_function=name if c_function is None else (c_function or None))
 
 
 class Result(BaseModel):
@@ -124,12 +112,7 @@ class DestroyResult(Result):
 @register("rkllm_destroy", HandleParams, DestroyResult, destructive=True)
 async def destroy(ctx: ToolContext, p: HandleParams) -> DestroyResult:
     """Abort any run on the handle and free the model (rkllm_destroy). The handle is gone afterwards."""
-    entry = ctx.state.get(p.handle, "rkllm_destroy")
-    if entry.model.is_running():
-        entry.model.abort()
-    async with entry.using(ctx.state.settings.abort_timeout, "rkllm_destroy"):
-        ctx.state.handles.pop(p.handle, None)
-        await anyio.to_thread.run_sync(entry.model.destroy)
+    await ctx.state.destroy(ctx.state.get(p.handle, "rkllm_destroy"), "rkllm_destroy")
     return DestroyResult(handle=p.handle)
 
 
@@ -163,6 +146,7 @@ async def run(ctx: ToolContext, p: RunParams) -> RunToolResult:
     aborts the run; the handle stays usable.
     """
     entry = ctx.state.get(p.handle, "rkllm_run")
+    entry.conversation = []  # chat's record of the KV cache no longer holds
     model = entry.model
     total = effective_max_new_tokens(model, p.rkllm_infer_params) if produces_text(p.rkllm_infer_params) else None
     async with entry.using(ctx.state.settings.busy_timeout, "rkllm_run"):
@@ -187,6 +171,7 @@ async def run_async(ctx: ToolContext, p: RunParams) -> RunAsyncResult:
     The handle stays busy until the run ends; rkllm_abort stops it.
     """
     entry = ctx.state.get(p.handle, "rkllm_run_async")
+    entry.conversation = []
     await entry.acquire(ctx.state.settings.busy_timeout, "rkllm_run_async")
     try:
         total = effective_max_new_tokens(entry.model, p.rkllm_infer_params)

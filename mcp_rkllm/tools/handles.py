@@ -22,6 +22,7 @@ import anyio
 
 from mcp_rkllm.config import Settings
 from mcp_rkllm.errors import RkllmError
+from mcp_rkllm.models.store import ModelStore
 from mcp_rkllm.runtime.base import AsyncRun, LoadedModel, RunEvent, Runtime, Token, Waiting
 from mcp_rkllm.structs import RKLLMParam, RunResult
 
@@ -97,6 +98,9 @@ class HandleEntry:
     param: RKLLMParam
     slot: threading.Lock = field(default_factory=threading.Lock)
     async_run: AsyncRunState | None = None
+    model_name: str | None = None
+    conversation: list[dict[str, str]] = field(default_factory=list)
+    """The chat messages the KV cache holds (for chat's incremental turns)."""
     runs: int = 0
     loaded_at: float = field(default_factory=time.time)
 
@@ -134,6 +138,11 @@ class AppState:
         self.handles: dict[str, HandleEntry] = {}
         self._users = 0
         self._opened = runtime is not None
+        self.runtime_reason = "injected" if runtime is not None else ""
+        self.store = ModelStore.from_dirs(list(settings.models))
+        self.default_handle: str | None = None
+        self.load_lock = anyio.Lock()
+        self.started = time.time()
         self.request_is_response_stream = False
         """True on Streamable HTTP: a dropped tools/call request means the client is gone."""
 
@@ -143,17 +152,17 @@ class AppState:
         if self._opened:
             return
         self._opened = True
-        from mcp_rkllm.runtime.native import NativeRuntime
+        from mcp_rkllm.runtime import open_runtime
 
         try:
-            self.runtime = NativeRuntime.open(self.settings.library, self.settings.abi)
+            self.runtime, self.runtime_reason = open_runtime(self.settings)
         except RkllmError as exc:
             self.runtime_error = exc
             log.error("no runtime: %s (hint: %s)", exc.message, exc.spec.hint)
             return
         info = self.runtime.describe()
-        log.info("runtime %s: library %s, RKLLM ABI %s (%s)", info["runtime"], info.get("library"),
-                 info.get("abi"), info.get("abi_source"))
+        log.info("runtime %s (%s): %s", info["runtime"], self.runtime_reason,
+                 ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("runtime", "functions")))
 
     async def close(self) -> None:
         """Drop one user; the last one aborts and destroys every handle."""
@@ -166,6 +175,7 @@ class AppState:
             except Exception:
                 log.exception("destroying handle %s failed", entry.id)
         self.handles.clear()
+        self.default_handle = None
 
     def require_runtime(self, function: str) -> Runtime:
         """The runtime, or the error that kept it from loading."""
@@ -176,6 +186,16 @@ class AppState:
             raise RkllmError(err.code, function=function, **err.fields)
         raise RkllmError("RUNTIME_UNAVAILABLE", function=function, detail="the server has not started a runtime")
 
+    async def destroy(self, entry: HandleEntry, function: str) -> None:
+        """Abort the handle's run, wait for its slot, and free it."""
+        if entry.model.is_running():
+            entry.model.abort()
+        async with entry.using(self.settings.abort_timeout, function):
+            self.handles.pop(entry.id, None)
+            if self.default_handle == entry.id:
+                self.default_handle = None
+            await anyio.to_thread.run_sync(entry.model.destroy)
+
     def get(self, handle: str, function: str) -> HandleEntry:
         """The entry of `handle`, or UNKNOWN_HANDLE."""
         entry = self.handles.get(handle)
@@ -183,9 +203,9 @@ class AppState:
             raise RkllmError("UNKNOWN_HANDLE", function=function, handle=handle)
         return entry
 
-    def add(self, model: LoadedModel, param: RKLLMParam) -> HandleEntry:
+    def add(self, model: LoadedModel, param: RKLLMParam, model_name: str | None = None) -> HandleEntry:
         """Register a new model under a fresh opaque id."""
         handle = "h-" + secrets.token_hex(6)
-        entry = HandleEntry(handle, model, param)
+        entry = HandleEntry(handle, model, param, model_name=model_name)
         self.handles[handle] = entry
         return entry

@@ -12,12 +12,12 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from mcp import MCPError
 from mcp.types import INVALID_PARAMS, CallToolResult, TextContent, Tool, ToolAnnotations
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mcp_rkllm.errors import RkllmError, error_result
 from mcp_rkllm.streaming.relay import GoneCheck, Reporter
@@ -30,6 +30,10 @@ class Params(BaseModel):
     """Base of every tool's params: strict types, unknown arguments rejected."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+
+
+HandleId = Annotated[str, Field(description="The opaque id rkllm_init / load_model returned.", min_length=1,
+                                max_length=64)]
 
 
 @dataclass
@@ -72,6 +76,28 @@ class ToolSpec:
                     input_schema=self.params.model_json_schema(),
                     output_schema=self.result.model_json_schema(mode="serialization"),
                     annotations=self.annotations)
+
+
+H = TypeVar("H", bound=Handler)
+
+
+class ToolTable(list[ToolSpec]):
+    """A module's tools, filled by the `tool` decorator."""
+
+    def tool(self, name: str, params: type[Params], result: type[BaseModel], *, read_only: bool = False,
+             destructive: bool = False, idempotent: bool = False, streams: bool = False,
+             c_function: str | None = None) -> Callable[[H], H]:
+        """Decorator adding a handler; its docstring is the tool's description.
+
+        `c_function` names the C function the tool mirrors (the `rkllm_*` tools pass their own name).
+        """
+        def wrap(fn: H) -> H:
+            self.append(ToolSpec(name=name, description=(fn.__doc__ or "").strip(), params=params, result=result,
+                                 handler=fn, streams=streams, c_function=c_function,
+                                 annotations=tool_annotations(read_only=read_only, destructive=destructive,
+                                                              idempotent=idempotent)))
+            return fn
+        return wrap
 
 
 def _validation_detail(exc: ValidationError) -> tuple[str, list[dict[str, Any]]]:
@@ -123,7 +149,7 @@ class Registry:
         except Exception as exc:
             log.exception("tool %s failed", name)
             return error_result(exc, name)
-        payload = result.model_dump(mode="json", exclude_none=True)
+        payload = result.model_dump(mode="json")
         return CallToolResult(content=[TextContent(type="text", text=json.dumps(payload, ensure_ascii=False))],
                               structured_content=payload)
 

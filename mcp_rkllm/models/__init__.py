@@ -1,0 +1,1 @@
+"""Model store: roots, discovery, name resolution, sidecar defaults (see `store`)."""
