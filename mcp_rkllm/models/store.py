@@ -112,7 +112,7 @@ def read_sidecar(model: Path) -> Sidecar | None:
             data["param"] = {**top, **data.get("param", {})}
         return Sidecar.model_validate(data)
     except (ValueError, ValidationError) as exc:
-        raise RkllmError("INVALID_PARAMS", function="models", detail=f"sidecar {path}: {exc}") from exc
+        raise RkllmError("INVALID_PARAMS", detail=f"sidecar {path}: {exc}") from exc
 
 
 @dataclass
@@ -163,16 +163,16 @@ class ModelStore:
         models = self.models()
         wanted = name.strip().lower()
         if not wanted:
-            raise RkllmError("INVALID_PARAMS", function="models", detail="the model name is empty")
+            raise RkllmError("INVALID_PARAMS", detail="the model name is empty")
         exact = [m for m in models if wanted in (m.path.name.lower(), m.name.lower()) or str(m.path) == name]
         prefix = [m for m in models if m.path.name.lower().startswith(wanted)]
         for hits in (exact, prefix):
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
-                raise RkllmError("MODEL_AMBIGUOUS", function="models", name=name,
+                raise RkllmError("MODEL_AMBIGUOUS", name=name,
                                  candidates=[m.path.name for m in hits])
-        raise RkllmError("MODEL_NOT_FOUND", function="models", name=name,
+        raise RkllmError("MODEL_NOT_FOUND", name=name,
                          detail=f"; available: {', '.join(m.path.name for m in models) or 'none'} "
                                 f"(roots: {', '.join(map(str, self.roots))})",
                          available=[m.path.name for m in models])

@@ -330,6 +330,8 @@ class LlamaModel:
         kept = self.tokens[:self.kv_logical] if keep_history else []
         if self.template is not None:  # rkllm_set_chat_template: raw system + prefix + prompt + postfix
             system, prefix, postfix = self.template
+            if self.tools is not None:  # the tool list goes right after the raw system prompt
+                system += TOOLS_SYSTEM_TEMPLATE.format(system=self.tools[0], tools=self.tools[1]) + "\n"
             head = system if not kept else ""
             return kept + self._tokenize(head + prefix + content + postfix), message
         messages = []
@@ -344,7 +346,10 @@ class LlamaModel:
     def _system_prefix_tokens(self) -> int:
         """How many leading tokens are the system prompt (what keep_system_prompt keeps)."""
         if self.template is not None:
-            return len(self._tokenize(self.template[0])) if self.template[0] else 0
+            system = self.template[0]
+            if self.tools is not None:
+                system += TOOLS_SYSTEM_TEMPLATE.format(system=self.tools[0], tools=self.tools[1]) + "\n"
+            return len(self._tokenize(system)) if system else 0
         if self.tools is not None:
             probe = self._render([{"role": "system", "content": TOOLS_SYSTEM_TEMPLATE.format(
                 system=self.tools[0], tools=self.tools[1])}])
