@@ -345,3 +345,18 @@ async def test_fast_runtime_is_coalesced_and_loses_nothing(client: Client, model
     assert r["token_count"] == 20000
     assert "".join(messages) == r["text"]
     assert len(messages) < 20000 / 2  # coalesced (one notification per token would be ~15000)
+
+
+@pytest.mark.parametrize("abi", ["1.3.0"])
+async def test_client_timeout_aborts_the_run(client: Client, fake: FakeView, model_file: Path) -> None:
+    h = await init(client, model_file, max_new_tokens=300)
+    with pytest.raises(MCPError) as exc:
+        await client.call_tool("rkllm_run", {"handle": h, "rkllm_input": {"prompt_input": "t fake:delay_ms=20"}},
+                               read_timeout_seconds=0.3)
+    assert exc.value.error.code == -32001  # REQUEST_TIMEOUT; the client sent notifications/cancelled
+    with anyio.fail_after(5):
+        while fake.count("abort_while_running") < 1:
+            await anyio.sleep(0.01)
+    r = await call(client, "rkllm_run", {"handle": h, "rkllm_input": {"prompt_input": "next"},
+                                         "rkllm_infer_params": {"max_new_tokens": 1}})
+    assert r["text"] == "next"

@@ -142,3 +142,29 @@ def test_raw_stdio_session(tmp_path: Path) -> None:
     assert all(json.loads(line)["jsonrpc"] == "2.0" for line in wire.raw)
     assert "I rkllm: rkllm-runtime version: 1.3.0" in stderr
     assert all(m.get("id") != 7 for m in map(json.loads, wire.raw))
+
+
+def test_client_gone_mid_run_aborts_and_the_server_exits(tmp_path: Path) -> None:
+    """stdin closing (the client died) while a run streams: the run is aborted and the process ends."""
+    model = tmp_path / "m.rkllm"
+    model.write_bytes(b"x")
+    ev = tmp_path / "events"
+    wire = Wire(server_env(build_fake("1.3.0", "1.3.0"), ev))
+    wire.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})
+    wire.until_response(1)
+    wire.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    wire.send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "rkllm_init", "arguments": {"param": {"model_path": str(model), "max_new_tokens": 1000}}}})
+    _, created = wire.until_response(2)
+    handle = created["result"]["structuredContent"]["handle"]
+    wire.send({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        "name": "rkllm_run", "_meta": {"progressToken": 1},
+        "arguments": {"handle": handle, "rkllm_input": {"prompt_input": "x fake:delay_ms=20"}}}})
+    assert wire.next()["method"] == "notifications/progress"
+    started = time.monotonic()
+    wire.close()
+    assert wire.proc.returncode is not None and time.monotonic() - started < 10
+    kinds = events(ev)
+    assert "abort_while_running" in kinds and "destroy" in kinds
+    assert kinds.count("aborted_runs") == 1
