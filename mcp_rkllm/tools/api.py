@@ -130,11 +130,20 @@ class RunToolResult(RunResult):
     handle: str
 
 
-def _finished(result: RunResult, handle: str, function: str) -> RunToolResult:
+async def relay_run(ctx: ToolContext, entry: HandleEntry, inp: RKLLMInput, infer: RKLLMInferParam,
+                    function: str) -> RunResult:
+    """One run on the handle's slot, its tokens relayed as progress; RKLLM_RUN_ERROR is GENERATION_ERROR."""
+    model = entry.model
+    total = effective_max_new_tokens(model, infer) if produces_text(infer) else None
+    async with entry.using(ctx.state.settings.busy_timeout, function):
+        relay: Relay[RunResult] = Relay(ctx.report, total, ctx.gone)
+        result = await relay.run(lambda: model.run(inp, infer, relay.sink), model.abort,
+                                 ctx.state.settings.abort_timeout)
+        entry.runs += 1
     if result.finish_reason == "error":
         raise RkllmError("GENERATION_ERROR", function=function, detail=f": {result.error}",
-                         handle=handle, partial_text=result.text, token_count=result.token_count)
-    return RunToolResult(handle=handle, **result.model_dump())
+                         handle=entry.id, partial_text=result.text, token_count=result.token_count)
+    return result
 
 
 @register("rkllm_run", RunParams, RunToolResult, streams=True)
@@ -147,14 +156,8 @@ async def run(ctx: ToolContext, p: RunParams) -> RunToolResult:
     """
     entry = ctx.state.get(p.handle, "rkllm_run")
     entry.conversation = []  # chat's record of the KV cache no longer holds
-    model = entry.model
-    total = effective_max_new_tokens(model, p.rkllm_infer_params) if produces_text(p.rkllm_infer_params) else None
-    async with entry.using(ctx.state.settings.busy_timeout, "rkllm_run"):
-        relay: Relay[RunResult] = Relay(ctx.report, total, ctx.gone)
-        result = await relay.run(lambda: model.run(p.rkllm_input, p.rkllm_infer_params, relay.sink),
-                                 model.abort, ctx.state.settings.abort_timeout)
-        entry.runs += 1
-    return _finished(result, p.handle, "rkllm_run")
+    result = await relay_run(ctx, entry, p.rkllm_input, p.rkllm_infer_params, "rkllm_run")
+    return RunToolResult(handle=p.handle, **result.model_dump())
 
 
 class RunAsyncResult(Result):

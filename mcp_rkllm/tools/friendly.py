@@ -18,8 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mcp_rkllm import __version__
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.models.store import ModelInfo
-from mcp_rkllm.runtime.base import effective_max_new_tokens
-from mcp_rkllm.streaming.relay import Relay
 from mcp_rkllm.structs import (
     RKLLMInferMode,
     RKLLMInferParam,
@@ -28,9 +26,9 @@ from mcp_rkllm.structs import (
     RKLLMPerfStat,
     RKLLMSamplingParam,
     RKLLMTokenInput,
-    RunResult,
     overlay_param,
 )
+from mcp_rkllm.tools.api import relay_run
 from mcp_rkllm.tools.handles import AppState, HandleEntry
 from mcp_rkllm.tools.registry import HandleId, Params, ToolContext, ToolTable
 
@@ -258,21 +256,6 @@ def _default_model(state: AppState) -> ModelInfo:
                             "with --model")
 
 
-async def _run(ctx: ToolContext, entry: HandleEntry, inp: RKLLMInput, infer: RKLLMInferParam, function: str,
-               ) -> RunResult:
-    model = entry.model
-    total = effective_max_new_tokens(model, infer) if infer.mode == RKLLMInferMode.RKLLM_INFER_GENERATE else None
-    async with entry.using(ctx.state.settings.busy_timeout, function):
-        relay: Relay[RunResult] = Relay(ctx.report, total, ctx.gone)
-        result = await relay.run(lambda: model.run(inp, infer, relay.sink), model.abort,
-                                 ctx.state.settings.abort_timeout)
-        entry.runs += 1
-    if result.finish_reason == "error":
-        raise RkllmError("GENERATION_ERROR", function=function, detail=f": {result.error}", handle=entry.id,
-                         partial_text=result.text, token_count=result.token_count)
-    return result
-
-
 class GenerateParams(Sampling):
     prompt: str = Field(min_length=1, description="The user prompt; the model's chat template is applied.")
     keep_history: bool = Field(False, description="Continue the conversation held in the handle's KV cache.")
@@ -295,7 +278,7 @@ async def generate(ctx: ToolContext, p: GenerateParams) -> GenerateResult:
     """
     entry = await _entry_for(ctx.state, p, "generate")
     entry.conversation = []
-    result = await _run(ctx, entry, RKLLMInput(prompt_input=p.prompt), p.infer(entry, p.keep_history), "generate")
+    result = await relay_run(ctx, entry, RKLLMInput(prompt_input=p.prompt), p.infer(entry, p.keep_history), "generate")
     return GenerateResult(text=result.text, finish_reason=result.finish_reason, token_count=result.token_count,
                           perf=result.perf, handle=entry.id, model=entry.model_name)
 
@@ -316,14 +299,8 @@ class ChatParams(Sampling):
         return self
 
 
-class ChatResult(Result):
+class ChatResult(GenerateResult):
     message: dict[str, str] = Field(description='{"role": "assistant", "content": ...}')
-    text: str
-    finish_reason: Literal["stop", "length", "abort", "error"]
-    token_count: int
-    perf: RKLLMPerfStat | None = None
-    handle: str
-    model: str | None
     reused_history: bool = Field(description="True when earlier turns were already in the KV cache.")
 
 
@@ -355,7 +332,7 @@ async def chat(ctx: ToolContext, p: ChatParams) -> ChatResult:
         else:
             await anyio.to_thread.run_sync(entry.model.clear_kv_cache, 0, None, None)
             prompt = _flatten(messages)
-    result = await _run(ctx, entry, RKLLMInput(prompt_input=prompt, role=role), p.infer(entry, True), "chat")
+    result = await relay_run(ctx, entry, RKLLMInput(prompt_input=prompt, role=role), p.infer(entry, True), "chat")
     reply = {"role": "assistant", "content": result.text}
     entry.conversation = [*messages, reply] if result.finish_reason != "abort" else []
     return ChatResult(message=reply, text=result.text, finish_reason=result.finish_reason,
@@ -391,7 +368,7 @@ async def embed(ctx: ToolContext, p: EmbedParams) -> EmbedResult:
         inp = RKLLMInput(token_input=RKLLMTokenInput(input_ids=ids))
     else:
         inp = RKLLMInput(prompt_input=p.text)
-    result = await _run(ctx, entry, inp, RKLLMInferParam(mode=RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER),
+    result = await relay_run(ctx, entry, inp, RKLLMInferParam(mode=RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER),
                         "embed")
     hidden = result.last_hidden_layer
     if hidden is None or hidden.num_tokens == 0:
