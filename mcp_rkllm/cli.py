@@ -19,7 +19,8 @@ import anyio
 from mcp_rkllm import __version__
 from mcp_rkllm.config import ENV_VARS, Settings
 
-SERVER_FLAGS = ("library", "abi", "runtime", "models", "model", "busy_timeout", "abort_timeout", "log_level")
+SERVER_FLAGS = ("library", "abi", "runtime", "isolation", "models", "model", "busy_timeout", "abort_timeout",
+                "log_level")
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,8 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
                    help="RKLLM ABI generation (default: detect; 1.2.1 covers 1.2.1-1.2.3)")
     p.add_argument("--runtime", choices=["auto", "native", "cpu"],
                    help="auto (default): the NPU runtime if librkllmrt.so is found, else the CPU runtime")
+    p.add_argument("--isolation", choices=["auto", "process", "none"],
+                   help="process: each model in its own supervised worker process (auto: for the NPU runtime)")
     p.add_argument("--models", action="append", metavar="DIR",
                    help="a directory of .rkllm/.gguf models (repeatable; default ~/.local/share/mcp-rkllm/models)")
     p.add_argument("--model", help="default model name for generate/chat (default: the bundled one on CPU)")

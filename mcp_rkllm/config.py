@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 Transport = Literal["stdio", "http", "sse"]
 RuntimeChoice = Literal["auto", "native", "cpu"]
+Isolation = Literal["auto", "process", "none"]
 
 #: Settings field -> environment variable.
 ENV_VARS: dict[str, str] = {
@@ -24,6 +25,7 @@ ENV_VARS: dict[str, str] = {
     "log_level": "MCP_RKLLM_LOG_LEVEL",
     "models": "MCP_RKLLM_MODELS",
     "model": "MCP_RKLLM_MODEL",
+    "isolation": "MCP_RKLLM_ISOLATION",
 }
 
 
@@ -48,6 +50,12 @@ class Settings:
     """Model root directories; empty = the per-user default (see mcp_rkllm.models.store)."""
     model: str | None = None
     """The default model's name, loaded by generate/chat when no model or handle is given."""
+    isolation: Isolation = "auto"
+    """process: each model in its own worker process; none: in the server; auto: process for the NPU runtime."""
+
+    def isolates(self, runtime: str) -> bool:
+        """Whether models of `runtime` ("native" or "cpu") run in worker processes."""
+        return self.isolation == "process" or (self.isolation == "auto" and runtime == "native")
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -77,6 +85,8 @@ class Settings:
             raise ValueError(f"transport must be stdio, http or sse, not {self.transport!r}")
         if self.runtime not in ("auto", "native", "cpu"):
             raise ValueError(f"runtime must be auto, native or cpu, not {self.runtime!r}")
+        if self.isolation not in ("auto", "process", "none"):
+            raise ValueError(f"isolation must be auto, process or none, not {self.isolation!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
         if self.busy_timeout < 0 or self.abort_timeout <= 0:

@@ -23,10 +23,16 @@ def anyio_backend() -> str:
 
 
 class FakeView:
-    """The fake library's test hooks (records of what it received, call counts)."""
+    """What the fake runtime recorded: every struct it received (as JSON) and counts of calls.
 
-    def __init__(self, path: Path):
+    With `record_dir`, the records are read from the files the fake writes there (they come from
+    any process: the server, its workers); without, from the library loaded in this process.
+    The layout hooks (sizeof/offsetof) always come from the library.
+    """
+
+    def __init__(self, path: Path, record_dir: Path | None = None):
         self.path = path
+        self.record_dir = record_dir
         self.ffi = cffi.FFI()
         self.ffi.cdef("""
             const char* fake_last(const char* kind);
@@ -38,15 +44,25 @@ class FakeView:
         self.lib = self.ffi.dlopen(str(path))
 
     def last(self, kind: str) -> Any:
+        if self.record_dir is not None:
+            path = self.record_dir / f"{kind}.json"
+            assert path.exists(), f"the fake recorded no {kind!r}"
+            return json.loads(path.read_text())
         raw = self.lib.fake_last(kind.encode())
         assert raw != self.ffi.NULL, f"the fake recorded no {kind!r}"
         return json.loads(self.ffi.string(raw).decode("utf-8"))
 
     def count(self, kind: str) -> int:
+        if self.record_dir is not None:
+            events = self.record_dir / "events"
+            return events.read_text().split().count(kind) if events.exists() else 0
         return int(self.lib.fake_count(kind.encode()))
 
     def reset(self) -> None:
         self.lib.fake_reset()
+        if self.record_dir is not None:
+            for f in self.record_dir.iterdir():
+                f.unlink()
 
     def sizeof(self, struct: str) -> int:
         return int(self.lib.fake_sizeof(struct.encode()))
@@ -68,9 +84,12 @@ def fake_path(abi: str) -> Path:
 
 
 @pytest.fixture
-def fake(fake_path: Path) -> Iterator[FakeView]:
-    """The test hooks of the fake, reset before the test."""
-    view = FakeView(fake_path)
+def fake(fake_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeView]:
+    """What the fake records during the test, from any process (FAKE_RKLLM_RECORD_DIR)."""
+    record_dir = tmp_path / "fake-records"
+    record_dir.mkdir()
+    monkeypatch.setenv("FAKE_RKLLM_RECORD_DIR", str(record_dir))
+    view = FakeView(fake_path, record_dir)
     view.reset()
     yield view
 

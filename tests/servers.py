@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def server_env(library: Path, events_file: Path | None = None, **extra: str) -> dict[str, str]:
+def server_env(library: Path, record_dir: Path | None = None, **extra: str) -> dict[str, str]:
     """Environment for an `mcp-rkllm` subprocess using the fake runtime at `library`."""
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -21,15 +21,17 @@ def server_env(library: Path, events_file: Path | None = None, **extra: str) -> 
         "RKLLM_LIB_PATH": str(library),
         "PYTHONUNBUFFERED": "1",
     }
-    if events_file is not None:
-        env["FAKE_RKLLM_EVENTS_FILE"] = str(events_file)
+    if record_dir is not None:
+        record_dir.mkdir(exist_ok=True)
+        env["FAKE_RKLLM_RECORD_DIR"] = str(record_dir)
     env.update(extra)
     return env
 
 
-def events(events_file: Path) -> list[str]:
+def events(record_dir: Path) -> list[str]:
     """The kinds the fake recorded in another process, in order."""
-    return events_file.read_text().split() if events_file.exists() else []
+    path = record_dir / "events"
+    return path.read_text().split() if path.exists() else []
 
 
 def free_port() -> int:
@@ -39,11 +41,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_http_server(transport: str, library: Path, events_file: Path, port: int) -> subprocess.Popen[bytes]:
+def start_http_server(transport: str, library: Path, record_dir: Path, port: int) -> subprocess.Popen[bytes]:
     """Start `python -m mcp_rkllm --transport ...` on 127.0.0.1:port and wait until it accepts connections."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mcp_rkllm", "--transport", transport, "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env(library, events_file), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+        env=server_env(library, record_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

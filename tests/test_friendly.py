@@ -13,6 +13,7 @@ from mcp import Client
 
 from mcp_rkllm.config import Settings
 from mcp_rkllm.server import build_server
+from tests.conftest import FakeView
 from tests.cpu import require_cpu_runtime
 from tests.fake_rkllm.build import build_fake
 from tests.servers import REPO
@@ -94,20 +95,20 @@ async def test_load_unload_and_errors(cpu: Client, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-async def npu(tmp_path: Path) -> AsyncIterator[tuple[Client, Path]]:
+async def npu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Client, FakeView]]:
     (tmp_path / "qwen-fake.rkllm").write_bytes(b"model")
     (tmp_path / "qwen-fake.json").write_text('{"max_new_tokens": 7, "chat_template": {"system_prompt": "S", '
                                              '"prompt_prefix": "P", "prompt_postfix": "Q"}}')
+    records = tmp_path / "records"
+    records.mkdir()
+    monkeypatch.setenv("FAKE_RKLLM_RECORD_DIR", str(records))
     settings = Settings(library=str(build_fake("1.3.0", "1.3.0")), models=(str(tmp_path),), model="qwen-fake")
     async with Client(build_server(settings)) as c:
-        yield c, tmp_path
+        yield c, FakeView(build_fake("1.3.0", "1.3.0"), records)
 
 
-async def test_friendly_tools_on_the_npu_runtime(npu: tuple[Client, Path]) -> None:
-    from tests.conftest import FakeView
-
-    client, _ = npu
-    fake = FakeView(build_fake("1.3.0", "1.3.0"))
+async def test_friendly_tools_on_the_npu_runtime(npu: tuple[Client, FakeView]) -> None:
+    client, fake = npu
     r = await call(client, "generate", {"prompt": "hello npu"})
     assert r["text"].startswith("hello npu hello") and r["token_count"] == 7  # the sidecar's max_new_tokens
     assert fake.last("set_chat_template") == {"system_prompt": "S", "prompt_prefix": "P", "prompt_postfix": "Q"}

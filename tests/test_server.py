@@ -32,9 +32,15 @@ def era(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=["process", "none"])
+def isolation(request: pytest.FixtureRequest) -> str:
+    """Every server test runs with each model in a worker process, and in the server process."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def client(fake_path: Path, fake: FakeView, era: str) -> AsyncIterator[Client]:
-    async with Client(build_server(Settings(library=str(fake_path))), mode=era) as c:
+async def client(fake_path: Path, fake: FakeView, era: str, isolation: str) -> AsyncIterator[Client]:
+    async with Client(build_server(Settings(library=str(fake_path), isolation=isolation)), mode=era) as c:
         yield c
 
 
@@ -241,8 +247,9 @@ async def test_cancel_mid_run_aborts_and_the_handle_stays_usable(client: Client,
 
 
 @pytest.mark.parametrize("abi", ["1.3.0"])
-async def test_second_run_on_a_busy_handle_waits_then_busy(fake_path: Path, fake: FakeView, model_file: Path) -> None:
-    server = build_server(Settings(library=str(fake_path), busy_timeout=0.2))
+async def test_second_run_on_a_busy_handle_waits_then_busy(fake_path: Path, fake: FakeView, model_file: Path,
+                                                           isolation: str) -> None:
+    server = build_server(Settings(library=str(fake_path), busy_timeout=0.2, isolation=isolation))
     async with Client(server) as c:
         h = await init(c, model_file, max_new_tokens=30)
         results: dict[str, Any] = {}
@@ -315,8 +322,8 @@ async def test_abort_tool_stops_an_async_run(client: Client, fake: FakeView, mod
     assert fake.count("abort_while_running") == 1
 
 
-async def test_no_library_means_clear_errors_not_a_dead_server(tmp_path: Path) -> None:
-    async with Client(build_server(Settings(library=str(tmp_path / "missing.so")))) as c:
+async def test_no_library_means_clear_errors_not_a_dead_server(tmp_path: Path, isolation: str) -> None:
+    async with Client(build_server(Settings(library=str(tmp_path / "missing.so"), isolation=isolation))) as c:
         assert len((await c.list_tools()).tools) >= 15
         error = await fail(c, "rkllm_init", {"param": {"model_path": "x"}})
         assert error["code"] == "LIBRARY_NOT_FOUND" and "missing.so" in error["message"]
@@ -324,8 +331,9 @@ async def test_no_library_means_clear_errors_not_a_dead_server(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("abi", ["1.3.0"])
-async def test_handles_are_destroyed_when_the_server_stops(fake_path: Path, fake: FakeView, model_file: Path) -> None:
-    async with Client(build_server(Settings(library=str(fake_path)))) as c:
+async def test_handles_are_destroyed_when_the_server_stops(fake_path: Path, fake: FakeView, model_file: Path,
+                                                          isolation: str) -> None:
+    async with Client(build_server(Settings(library=str(fake_path), isolation=isolation))) as c:
         await init(c, model_file)
         await init(c, model_file)
     assert fake.count("destroy") == 2

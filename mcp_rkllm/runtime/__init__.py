@@ -1,4 +1,4 @@
-"""Runtimes: one protocol (`base`), implementations (`native`, `llama`), and choosing one (`open_runtime`)."""
+"""Runtimes: one protocol (`base`), implementations (`native`, `llama`, `worker`), and choosing one."""
 
 from __future__ import annotations
 
@@ -7,34 +7,41 @@ from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.runtime.base import Runtime
 
 
-def open_runtime(settings: Settings) -> tuple[Runtime, str]:
-    """Open the runtime `settings.runtime` asks for; returns it and why it was chosen.
+def choose_runtime(settings: Settings) -> tuple[str, str]:
+    """Which runtime `settings` asks for ("native" or "cpu"), and why.
 
     auto: the NPU runtime when a librkllmrt.so is found (a found but unusable library is an
-    error, never a silent fallback), else the CPU runtime.
+    error, never a silent fallback), else the CPU runtime if its extra is installed.
     """
     from mcp_rkllm.native.binding import find_library
 
-    choice = settings.runtime
-    if choice == "auto":
+    if settings.runtime != "auto":
+        return settings.runtime, f"--runtime {settings.runtime}"
+    try:
+        path = find_library(settings.library)
+    except RkllmError as exc:
+        if settings.library:  # an explicit library that is missing is the user's mistake to hear about
+            raise
         try:
-            find_library(settings.library)
-        except RkllmError as exc:
-            if settings.library:  # an explicit library that is missing is the user's mistake to hear about
-                raise
-            try:
-                from mcp_rkllm.runtime.llama import LlamaCppRuntime
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise RkllmError("RUNTIME_UNAVAILABLE", detail=f"{exc.message}; and the CPU runtime is not "
+                             "installed (pip install 'mcp-rkllm[cpu]')") from exc
+        return "cpu", f"auto: no librkllmrt.so ({exc.fields.get('detail')}), so the CPU runtime"
+    return "native", f"auto: found {path}"
 
-                return LlamaCppRuntime(), f"auto: no librkllmrt.so ({exc.fields.get('detail')}), using the CPU runtime"
-            except RkllmError as cpu_exc:
-                raise RkllmError("RUNTIME_UNAVAILABLE",
-                                 detail=f"{exc.message}; and {cpu_exc.fields.get('detail')}") from cpu_exc
-        choice = "native"
-    if choice == "native":
+
+def open_runtime(settings: Settings) -> tuple[Runtime, str]:
+    """Open the runtime `settings` asks for, in worker processes when isolation applies."""
+    kind, reason = choose_runtime(settings)
+    if settings.isolates(kind):
+        from mcp_rkllm.runtime.worker import WorkerRuntime
+
+        return WorkerRuntime(kind, settings), reason + "; each model in its own process"
+    if kind == "native":
         from mcp_rkllm.runtime.native import NativeRuntime
 
-        return NativeRuntime.open(settings.library, settings.abi), (
-            "--runtime native" if settings.runtime == "native" else "auto: found librkllmrt.so")
+        return NativeRuntime.open(settings.library, settings.abi), reason
     from mcp_rkllm.runtime.llama import LlamaCppRuntime
 
-    return LlamaCppRuntime(), "--runtime cpu"
+    return LlamaCppRuntime(), reason

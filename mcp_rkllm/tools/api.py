@@ -60,7 +60,12 @@ class HandleParams(Params):
 async def _call(entry: HandleEntry, ctx: ToolContext, function: str, fn: Any, *args: Any) -> None:
     """Run one state-changing C call on a worker thread while holding the handle's run slot."""
     async with entry.using(ctx.state.settings.busy_timeout, function):
-        await anyio.to_thread.run_sync(fn, *args)
+        try:
+            await anyio.to_thread.run_sync(fn, *args)
+        except RkllmError as exc:
+            if exc.code == "RUNTIME_CRASHED":
+                raise ctx.state.crashed_error(entry, exc, function) from None
+            raise
 
 
 # --------------------------------------------------------------------------- createDefaultParam / init / destroy
@@ -99,9 +104,8 @@ async def init(ctx: ToolContext, p: InitParams) -> InitResult:
     runtime = ctx.state.require_runtime("rkllm_init")
     if not p.param.model_path:
         raise RkllmError("INVALID_PARAMS", function="rkllm_init", detail="param.model_path is required")
-    model = await anyio.to_thread.run_sync(runtime.init, p.param)
-    entry = ctx.state.add(model, p.param)
-    return InitResult(handle=entry.id, runtime=runtime.name, abi=runtime.abi, max_new_tokens=model.max_new_tokens)
+    entry = await ctx.state.load(p.param, "rkllm_init")
+    return InitResult(handle=entry.id, runtime=runtime.name, abi=runtime.abi, max_new_tokens=entry.model.max_new_tokens)
 
 
 class DestroyResult(Result):
@@ -137,8 +141,13 @@ async def relay_run(ctx: ToolContext, entry: HandleEntry, inp: RKLLMInput, infer
     total = effective_max_new_tokens(model, infer) if produces_text(infer) else None
     async with entry.using(ctx.state.settings.busy_timeout, function):
         relay: Relay[RunResult] = Relay(ctx.report, total, ctx.gone)
-        result = await relay.run(lambda: model.run(inp, infer, relay.sink), model.abort,
-                                 ctx.state.settings.abort_timeout)
+        try:
+            result = await relay.run(lambda: model.run(inp, infer, relay.sink), model.abort,
+                                     ctx.state.settings.abort_timeout)
+        except RkllmError as exc:
+            if exc.code == "RUNTIME_CRASHED":
+                raise ctx.state.crashed_error(entry, exc, function) from None
+            raise
         entry.runs += 1
     if result.finish_reason == "error":
         raise RkllmError("GENERATION_ERROR", function=function, detail=f": {result.error}",

@@ -107,11 +107,11 @@ async def _load(state: AppState, info: ModelInfo, param: RKLLMParam | None, func
         raise RkllmError("INVALID_PARAMS", function=function, detail="param.model_path: give the model by name")
     base = info.sidecar.param if info.sidecar else RKLLMParam()
     merged = overlay_param(base, param or RKLLMParam()).model_copy(update={"model_path": str(info.path)})
-    model = await anyio.to_thread.run_sync(runtime.init, merged)
+    entry = await state.load(merged, function, model_name=info.name)
     if info.sidecar is not None and info.sidecar.chat_template is not None:
         t = info.sidecar.chat_template
-        await anyio.to_thread.run_sync(model.set_chat_template, t.system_prompt, t.prompt_prefix, t.prompt_postfix)
-    entry = state.add(model, merged, model_name=info.name)
+        await anyio.to_thread.run_sync(entry.model.set_chat_template, t.system_prompt, t.prompt_prefix,
+                                       t.prompt_postfix)
     if state.default_handle not in state.handles:
         state.default_handle = entry.id
     return entry
@@ -173,6 +173,7 @@ class LoadedEntry(BaseModel):
     runs: int
     loaded_at: float
     default: bool
+    pid: int | None = Field(None, description="The worker process hosting the model (process isolation).")
 
 
 class LoadedResult(Result):
@@ -186,7 +187,7 @@ async def loaded_models(ctx: ToolContext, p: LoadedParams) -> LoadedResult:
     return LoadedResult(loaded=[
         LoadedEntry(handle=e.id, model=e.model_name, path=e.param.model_path, runtime=_runtime_name(state),
                     running=e.model.is_running(), runs=e.runs, loaded_at=e.loaded_at,
-                    default=e.id == state.default_handle)
+                    default=e.id == state.default_handle, pid=getattr(e.model, "pid", None))
         for e in state.handles.values()])
 
 

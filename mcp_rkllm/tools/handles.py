@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 
@@ -24,9 +26,35 @@ from mcp_rkllm.config import Settings
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.models.store import ModelStore
 from mcp_rkllm.runtime.base import AsyncRun, LoadedModel, RunEvent, Runtime, Token, Waiting
-from mcp_rkllm.structs import RKLLMParam, RunResult
+from mcp_rkllm.structs import RKLLMExtendParam, RKLLMParam, RunResult
 
 log = logging.getLogger(__name__)
+
+#: How many crashed handles keep answering RUNTIME_CRASHED (instead of UNKNOWN_HANDLE).
+CRASH_MEMORY = 256
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_memory(model_path: str, function: str) -> None:
+    """LIMIT_EXCEEDED when the model file is larger than the memory available to load it into."""
+    try:
+        size = os.stat(model_path).st_size
+    except OSError:
+        return  # the runtime reports a missing file itself
+    available = available_memory_bytes()
+    if available is not None and size > available:
+        raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"the model file {os.path.basename(model_path)}",
+                         value=f"{size / 2**20:.0f} MB", limit=f"{available / 2**20:.0f} MB of available memory")
 
 
 class AsyncRunState:
@@ -141,6 +169,8 @@ class AppState:
         self.runtime_reason = "injected" if runtime is not None else ""
         self.store = ModelStore.from_dirs(list(settings.models))
         self.default_handle: str | None = None
+        self.crashed: dict[str, RkllmError] = {}
+        """Handles whose worker died, and why (the newest CRASH_MEMORY of them)."""
         self.load_lock = anyio.Lock()
         self.started = time.time()
         self.request_is_response_stream = False
@@ -197,15 +227,53 @@ class AppState:
             await anyio.to_thread.run_sync(entry.model.destroy)
 
     def get(self, handle: str, function: str) -> HandleEntry:
-        """The entry of `handle`, or UNKNOWN_HANDLE."""
+        """The entry of `handle`; UNKNOWN_HANDLE, or RUNTIME_CRASHED (once) if its worker died."""
         entry = self.handles.get(handle)
         if entry is None:
+            crash = self.crashed.get(handle)
+            if crash is not None:
+                raise RkllmError(crash.code, function=function, **crash.fields)
             raise RkllmError("UNKNOWN_HANDLE", function=function, handle=handle)
+        crash = getattr(entry.model, "crash", None)
+        if crash is not None:
+            raise self.crashed_error(entry, crash, function)
         return entry
+
+    def crashed_error(self, entry: HandleEntry, crash: RkllmError, function: str) -> RkllmError:
+        """Free a handle whose worker died; the error this and every later call on it gets."""
+        error = RkllmError("RUNTIME_CRASHED", function=function, **{**crash.fields, "handle": entry.id})
+        self.crashed[entry.id] = error
+        while len(self.crashed) > CRASH_MEMORY:
+            self.crashed.pop(next(iter(self.crashed)))
+        self.handles.pop(entry.id, None)
+        if self.default_handle == entry.id:
+            self.default_handle = None
+        return error
+
+    async def load(self, param: RKLLMParam, function: str, model_name: str | None = None) -> HandleEntry:
+        """rkllm_init through the runtime, after the checks the hardware needs; registers the handle."""
+        runtime = self.require_runtime(function)
+        param = self._prepare(runtime, param, function)
+        model = await anyio.to_thread.run_sync(runtime.init, param)
+        return self.add(model, param, model_name)
+
+    def _prepare(self, runtime: Runtime, param: RKLLMParam, function: str) -> RKLLMParam:
+        if param.model_path:
+            check_memory(param.model_path, function)
+        ext = param.extend_param or RKLLMExtendParam()
+        if runtime.name == "native" and ext.base_domain_id is None:
+            # Concurrent NPU models each get their own memory domain unless the client chose one.
+            used = {e.param.extend_param.base_domain_id for e in self.handles.values() if e.param.extend_param}
+            domain = next(d for d in range(len(used) + 1) if d not in used)
+            param = param.model_copy(update={"extend_param": ext.model_copy(update={"base_domain_id": domain})})
+        return param
 
     def add(self, model: LoadedModel, param: RKLLMParam, model_name: str | None = None) -> HandleEntry:
         """Register a new model under a fresh opaque id."""
         handle = "h-" + secrets.token_hex(6)
         entry = HandleEntry(handle, model, param, model_name=model_name)
+        set_label = getattr(model, "set_label", None)  # worker processes log under their handle
+        if set_label is not None:
+            set_label(handle)
         self.handles[handle] = entry
         return entry

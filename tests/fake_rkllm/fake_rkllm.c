@@ -22,8 +22,8 @@
  * With -DFAKE_VERSION="X.Y.Z" it embeds "rkllm-runtime version: X.Y.Z" like the real library.
  *
  * Test hooks: fake_last(kind) -> JSON of the last record, fake_count(kind), fake_reset(),
- * fake_sizeof(struct), fake_offsetof(struct, field); with $FAKE_RKLLM_EVENTS_FILE set, every
- * recorded kind is also appended to that file as a line (for servers in another process).
+ * fake_sizeof(struct), fake_offsetof(struct, field); with $FAKE_RKLLM_RECORD_DIR set, the records
+ * also go to files in that directory (for servers and workers in other processes).
  */
 #include <pthread.h>
 #include <signal.h>
@@ -268,11 +268,21 @@ static void record(const char *kind, char *json) {
     int i = kind_slot(kind);
     if (json) { free(records[i].json); records[i].json = json; }
     records[i].count++;
-    /* Tests of servers running in another process read the calls from this file. */
-    const char *events = getenv("FAKE_RKLLM_EVENTS_FILE");
-    if (events) {
-        FILE *f = fopen(events, "a");
+    /* Tests of servers (or workers) in another process read the records from files:
+       <dir>/events gets one line per recorded kind, <dir>/<kind>.json the last record. */
+    const char *dir = getenv("FAKE_RKLLM_RECORD_DIR");
+    if (dir) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/events", dir);
+        FILE *f = fopen(path, "a");
         if (f) { fprintf(f, "%s\n", kind); fclose(f); }
+        if (json) {
+            char tmp[4096];
+            snprintf(tmp, sizeof tmp, "%s/%s.json.%d", dir, kind, (int)getpid());
+            snprintf(path, sizeof path, "%s/%s.json", dir, kind);
+            f = fopen(tmp, "w");
+            if (f) { fputs(json, f); fclose(f); rename(tmp, path); }
+        }
     }
     pthread_mutex_unlock(&records_lock);
 }
