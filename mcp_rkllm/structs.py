@@ -395,10 +395,17 @@ class RKLLMPerfStat(CStruct):
     memory_usage_mb: float = Field(0.0, description="Peak RSS (VmHWM) in MB.")
 
 
+# Big arrays are advertised as plain arrays in output schemas: clients validate every item of a
+# typed array (the MCP SDK's client runs jsonschema on structured results), which for logits
+# (vocab_size floats per token) costs seconds.
+FloatArray = Annotated[list[float], WithJsonSchema({"type": "array", "description": "float32 values"})]
+IntArray = Annotated[list[int], WithJsonSchema({"type": "array", "description": "integers"})]
+
+
 class RKLLMResultLastHiddenLayer(CStruct):
     """Final hidden states, num_tokens x embd_size floats, row-major."""
 
-    hidden_states: list[float]
+    hidden_states: FloatArray
     embd_size: int
     num_tokens: int
 
@@ -406,7 +413,7 @@ class RKLLMResultLastHiddenLayer(CStruct):
 class RKLLMResultLogits(CStruct):
     """Logits, num_tokens x vocab_size floats, row-major."""
 
-    logits: list[float]
+    logits: FloatArray
     vocab_size: int
     num_tokens: int
 
@@ -418,7 +425,7 @@ class RunResult(CStruct):
     """Everything a finished run produced."""
 
     text: str = Field("", description="The whole generated text (RKLLM_RUN_WAITING pieces excluded).")
-    token_ids: list[int] = Field(default_factory=list)
+    token_ids: IntArray = Field(default_factory=list)
     token_count: int = 0
     finish_reason: FinishReason = "stop"
     perf: RKLLMPerfStat | None = None

@@ -13,6 +13,7 @@ import threading
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from mcp_rkllm.structs import (
@@ -79,7 +80,16 @@ class RunError:
     message: str
 
 
-RunEvent = Token | Waiting | Hidden | Logits | Finish | RunError
+@dataclass(slots=True)
+class TokenBatch:
+    """Several tokens at once, in order (how a worker process forwards a burst): their texts
+    (RKLLM_RUN_WAITING tokens contribute "") and token ids."""
+
+    texts: list[str]
+    token_ids: list[int]
+
+
+RunEvent = Token | Waiting | TokenBatch | Hidden | Logits | Finish | RunError
 EventSink = Callable[[RunEvent], None]
 
 
@@ -102,11 +112,14 @@ class RunCollector:
 
     def add(self, event: RunEvent) -> None:
         """Take one event."""
-        if isinstance(event, Token):
+        if type(event) is Token:  # the per-token case first, without isinstance's MRO walk
             self.pieces.append(event.text)
             self.token_ids.append(event.token_id)
         elif isinstance(event, Waiting):
             self.token_ids.append(event.token_id)
+        elif isinstance(event, TokenBatch):
+            self.pieces.extend(event.texts)
+            self.token_ids.extend(event.token_ids)
         elif isinstance(event, Hidden):
             self.hidden = event
         elif isinstance(event, Logits):
@@ -244,6 +257,17 @@ class Runtime(Protocol):
     def init(self, param: RKLLMParam) -> LoadedModel:
         """rkllm_init: load a model; `param` is overlaid on create_default_param()."""
         ...
+
+
+def process_memory_mb(key: str = "VmHWM") -> float:
+    """A memory figure of this process from /proc/self/status in MB (VmHWM = peak RSS); 0 where unreadable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def effective_max_new_tokens(model: LoadedModel, infer: RKLLMInferParam) -> int:

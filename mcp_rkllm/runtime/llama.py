@@ -37,6 +37,7 @@ from mcp_rkllm.runtime.base import (
     Token,
     Waiting,
     effective_max_new_tokens,
+    process_memory_mb,
 )
 from mcp_rkllm.structs import (
     RKLLMCrossAttnParam,
@@ -77,17 +78,6 @@ def _llama() -> Any:
         raise RkllmError("RUNTIME_UNAVAILABLE", detail="the CPU runtime needs llama-cpp-python: "
                          "pip install 'mcp-rkllm[cpu]'") from exc
     return llama_cpp
-
-
-def _peak_rss_mb() -> float:
-    """VmHWM (peak resident memory) of this process in MB, as RKLLMPerfStat.memory_usage_mb."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
 
 
 def _round_ctx(n: int) -> int:
@@ -469,7 +459,7 @@ class LlamaModel:
                 self.kv_logical = len(self.tokens) if keep else 0
                 perf = RKLLMPerfStat(prefill_time_ms=prefill_ms, prefill_tokens=prefill_tokens,
                                      generate_time_ms=(time.perf_counter() - gen_started) * 1000,
-                                     generate_tokens=generated, memory_usage_mb=_peak_rss_mb())
+                                     generate_tokens=generated, memory_usage_mb=process_memory_mb())
                 if not self._aborted:
                     emit(Finish(perf))
                 collector.perf = perf
@@ -540,7 +530,7 @@ class LlamaModel:
         n = len(rows) // width
         emit(Hidden(rows, width, n) if hidden else Logits(rows, width, n))
         self.kv_logical = len(self.tokens) if keep else 0
-        emit(Finish(RKLLMPerfStat(prefill_tokens=n, memory_usage_mb=_peak_rss_mb())))
+        emit(Finish(RKLLMPerfStat(prefill_tokens=n, memory_usage_mb=process_memory_mb())))
         return n
 
     def _feed_embeddings(self, inp: RKLLMInput, keep: bool) -> int:

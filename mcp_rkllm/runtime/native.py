@@ -28,6 +28,7 @@ from mcp_rkllm.runtime.base import (
     Token,
     Waiting,
     effective_max_new_tokens,
+    produces_text,
 )
 from mcp_rkllm.structs import (
     LLMCallState,
@@ -56,10 +57,11 @@ def _copy_floats(ffi: Any, pointer: Any, count: int) -> array[float]:
 class _RunContext:
     """State of one run, reached from the C callback through userdata."""
 
-    __slots__ = ("aborted", "collector", "exc", "has_perf", "keep", "sink")
+    __slots__ = ("aborted", "collector", "exc", "generate", "has_perf", "keep", "sink")
 
-    def __init__(self, sink: EventSink, collector: RunCollector, has_perf: bool, keep: list[Any]):
+    def __init__(self, sink: EventSink, collector: RunCollector, has_perf: bool, keep: list[Any], generate: bool):
         self.sink = sink
+        self.generate = generate
         self.collector = collector
         self.has_perf = has_perf
         self.keep = keep
@@ -118,7 +120,11 @@ class NativeRuntime:
 
     def _decode(self, ctx: _RunContext, result: Any, state: int) -> None:
         ffi = self.ffi
-        if state == _NORMAL:
+        if state == _NORMAL and ctx.generate:  # the per-token hot path: text only
+            text = result.text
+            if text != ffi.NULL:
+                ctx.emit(Token(ffi.string(text).decode("utf-8", "replace"), result.token_id))
+        elif state == _NORMAL:
             text = result.text
             hidden = result.last_hidden_layer
             logits = result.logits
@@ -276,7 +282,8 @@ class NativeModel:
         m = self.runtime.marshal
         cinput = m.input(rkllm_input, keep)
         cinfer = m.new("RKLLMInferParam", infer, keep)
-        ctx = _RunContext(sink, RunCollector(effective_max_new_tokens(self, infer)), self.runtime._has_perf, keep)
+        ctx = _RunContext(sink, RunCollector(effective_max_new_tokens(self, infer)), self.runtime._has_perf, keep,
+                          produces_text(infer))
         userdata = self.runtime.ffi.new_handle(ctx)
         keep.append(userdata)
         return cinput, cinfer, ctx, userdata

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -31,7 +32,8 @@ from typing import Any
 
 from mcp_rkllm.config import Settings
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.runtime.base import EventSink, LoadedModel, RunEvent, Runtime
+from mcp_rkllm.runtime.base import EventSink, LoadedModel, RunEvent, Runtime, Token, TokenBatch, Waiting
+from mcp_rkllm.streaming.relay import MIN_INTERVAL_SECONDS
 from mcp_rkllm.structs import (
     RKLLMCrossAttnParam,
     RKLLMInferParam,
@@ -64,38 +66,51 @@ def _error_from_wire(data: dict[str, Any]) -> RkllmError:
 
 
 class _Batcher:
-    """Sends a run's events up the socket, coalescing whatever piles up while a send is in progress."""
+    """Sends a run's events up the socket: tokens as TokenBatch (texts and ids, cheap to pickle),
+    coalescing what arrives while a send is in progress or within MIN_INTERVAL_SECONDS of the last."""
 
     def __init__(self, send: Callable[[Any], None], call_id: int):
         self._send = send
         self._call_id = call_id
-        self._queue: deque[RunEvent] = deque()
-        self._pending = False
+        self._texts: list[str] = []
+        self._ids: list[int] = []
+        self._others: list[RunEvent] = []  # hidden states, logits, finish, error: sent after the tokens
         self._lock = threading.Lock()
+        self._pending = False
         self._idle = threading.Event()
         self._idle.set()
 
     def sink(self, event: RunEvent) -> None:
-        self._queue.append(event)
         with self._lock:
+            kind = type(event)
+            if kind is Token:
+                self._texts.append(event.text)  # type: ignore[union-attr]
+                self._ids.append(event.token_id)  # type: ignore[union-attr]
+            elif kind is Waiting:
+                self._texts.append("")
+                self._ids.append(event.token_id)  # type: ignore[union-attr]
+            else:
+                self._others.append(event)
             if self._pending:
                 return
             self._pending = True
             self._idle.clear()
         threading.Thread(target=self._drain, daemon=True).start()
 
+    def _take(self) -> list[Any]:
+        with self._lock:
+            batch: list[Any] = [TokenBatch(self._texts, self._ids)] if self._ids else []
+            batch += self._others
+            self._texts, self._ids, self._others = [], [], []
+            if not batch:
+                self._pending = False
+                self._idle.set()
+            return batch
+
     def _drain(self) -> None:
-        while True:
-            batch = []
-            while self._queue:
-                batch.append(self._queue.popleft())
-            if batch:
-                self._send(("events", self._call_id, batch))
-            with self._lock:
-                if not self._queue:
-                    self._pending = False
-                    self._idle.set()
-                    return
+        while batch := self._take():
+            self._send(("events", self._call_id, batch))
+            time.sleep(MIN_INTERVAL_SECONDS)  # a burst: let the next batch grow (spaced tokens go at once)
 
     def flush(self) -> None:
         """Wait until every event handed to sink() has been sent."""

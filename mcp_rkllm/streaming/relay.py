@@ -19,13 +19,13 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections import deque
+import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import anyio
 
-from mcp_rkllm.runtime.base import RunEvent, Token, Waiting
+from mcp_rkllm.runtime.base import RunEvent, Token, TokenBatch, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ GoneCheck = Callable[[], Awaitable[bool]]
 #: How often a run checks that its HTTP client is still connected.
 DISCONNECT_POLL_SECONDS = 0.25
 
+#: Under load, notifications go out at most this often (what arrives meanwhile is batched). Tokens
+#: further apart than this (an NPU's 10-50 tokens/s) each go out the moment they arrive.
+MIN_INTERVAL_SECONDS = 0.005
+
 
 class Relay(Generic[T]):
     """Carries the events of one run to `report`. Create it on the event loop that will pump it."""
@@ -49,7 +53,9 @@ class Relay(Generic[T]):
         self._gone = gone
         self._total = float(total) if total else None
         self._loop = asyncio.get_running_loop()
-        self._queue: deque[RunEvent] = deque()
+        self._pieces: list[str] = []  # appended by the runtime's thread, read by the pump
+        self._count = 0  # tokens so far (text pieces and RKLLM_RUN_WAITING tokens)
+        self._sent = 0  # pieces already sent
         self._wake = asyncio.Event()
         self._scheduled = False
         self._ended = False
@@ -62,15 +68,22 @@ class Relay(Generic[T]):
 
     def sink(self, event: RunEvent) -> None:
         """The runtime's EventSink: never blocks, never raises."""
-        self._queue.append(event)
-        if not self._scheduled:
+        kind = type(event)
+        if kind is Token:
+            self._pieces.append(event.text)  # type: ignore[union-attr]
+            self._count += 1
+        elif kind is Waiting:
+            self._count += 1
+            return  # no text yet: the piece that completes the character wakes the pump
+        elif kind is TokenBatch:
+            self._pieces.extend(event.texts)  # type: ignore[union-attr]
+            self._count += len(event.token_ids)  # type: ignore[union-attr]
+        else:
+            return  # hidden states, logits, finish, error: only the final result carries them
+        if not self._scheduled:  # one wake-up per batch: the pump re-arms this just before it drains
             self._scheduled = True
             with contextlib.suppress(RuntimeError):  # loop closed: the client is gone, nobody to tell
-                self._loop.call_soon_threadsafe(self._on_wake)
-
-    def _on_wake(self) -> None:
-        self._scheduled = False
-        self._wake.set()
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     def _on_end(self) -> None:
         self._ended = True
@@ -79,21 +92,14 @@ class Relay(Generic[T]):
     # ----------------------------------------------------------------- event loop
 
     async def _flush(self) -> None:
-        queue = self._queue
-        pieces: list[str] = []
-        tokens = self.tokens
-        while queue:
-            event = queue.popleft()
-            if type(event) is Token:
-                pieces.append(event.text)
-                tokens += 1
-            elif type(event) is Waiting:
-                tokens += 1
-        self.tokens = tokens
-        if pieces:
-            text = "".join(pieces)
-            self.notifications += 1
-            await self._report(tokens, self._total, text)
+        end = len(self._pieces)
+        if end == self._sent:
+            return
+        self.tokens = self._count  # read after `end`: counts at least the pieces being sent
+        text = "".join(self._pieces[self._sent:end])
+        self._sent = end
+        self.notifications += 1
+        await self._report(self.tokens, self._total, text)
 
     async def _watch_client(self, scope: anyio.CancelScope) -> None:
         # Streamable HTTP keeps a request alive when its connection drops (clients may resume),
@@ -108,12 +114,20 @@ class Relay(Generic[T]):
                 return
 
     async def _pump(self) -> None:
+        last_sent = 0.0
         while True:
             await self._wake.wait()
             self._wake.clear()
+            wait = last_sent + MIN_INTERVAL_SECONDS - time.monotonic()
+            if wait > 0 and not self._ended:
+                await anyio.sleep(wait)  # tokens are streaming fast: let them batch up
+            self._scheduled = False  # events from now on wake the pump again
             ended = self._ended  # read before draining: events precede the end marker
+            sent = self.notifications
             await self._flush()
-            if ended and not self._queue:
+            if self.notifications != sent:
+                last_sent = time.monotonic()
+            if ended and self._sent == len(self._pieces):
                 return
 
     async def run(self, blocking: Callable[[], T], abort: Callable[[], None], abort_timeout: float = 30.0) -> T:

@@ -9,6 +9,7 @@ only model the store finds.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mcp_rkllm import __version__
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.models.store import ModelInfo
+from mcp_rkllm.runtime.base import process_memory_mb
 from mcp_rkllm.structs import (
     RKLLMInferMode,
     RKLLMInferParam,
@@ -404,6 +406,9 @@ class StatusResult(Result):
     default_model: str | None
     model_roots: list[str]
     uptime_s: float
+    pid: int
+    rss_mb: float = Field(description="The server process's resident memory (workers not included).")
+    peak_rss_mb: float
 
 
 @TOOLS.tool("server_status", StatusParams, StatusResult, read_only=True, idempotent=True)
@@ -416,4 +421,6 @@ async def server_status(ctx: ToolContext, p: StatusParams) -> StatusResult:
         runtime_error=state.runtime_error.to_dict() if state.runtime_error else None,
         loaded=len(state.handles), default_handle=state.default_handle if state.default_handle in state.handles
         else None, default_model=state.settings.model, model_roots=[str(r) for r in state.store.roots],
-        uptime_s=round(time.time() - state.started, 1))
+        uptime_s=round(time.time() - state.started, 1), pid=os.getpid(), rss_mb=process_memory_mb("VmRSS"),
+        peak_rss_mb=process_memory_mb())
+

@@ -25,7 +25,7 @@ import anyio
 from mcp_rkllm.config import Settings
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.models.store import ModelStore
-from mcp_rkllm.runtime.base import AsyncRun, LoadedModel, RunEvent, Runtime, Token, Waiting
+from mcp_rkllm.runtime.base import AsyncRun, LoadedModel, RunEvent, Runtime, Token, TokenBatch, Waiting
 from mcp_rkllm.structs import RKLLMExtendParam, RKLLMParam, RunResult
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,11 @@ class AsyncRunState:
         elif type(event) is Waiting:
             with self._lock:
                 self.tokens += 1
+        elif type(event) is TokenBatch:
+            with self._lock:
+                self.pieces.extend(event.texts)
+                self.text_length += sum(map(len, event.texts))
+                self.tokens += len(event.token_ids)
         else:
             return
         self._notify()

@@ -17,6 +17,7 @@
  *      fail        rkllm_run returns -1          error=N      RKLLM_RUN_ERROR after N tokens
  *      crash=N     SIGSEGV after N tokens        delay_ms=N   sleep N ms before each token
  *      eos=N       stop (EOS) after N tokens     finish_after_abort  send FINISH after an abort
+ *      stamp       each token's text is " <CLOCK_MONOTONIC ns>" (for latency benchmarks)
  *    and $FAKE_RKLLM_FAIL=<function name> makes that function return -1.
  *  - prints log lines to stdout like the real runtime does (the server must keep them off the wire).
  * With -DFAKE_VERSION="X.Y.Z" it embeds "rkllm-runtime version: X.Y.Z" like the real library.
@@ -601,7 +602,7 @@ typedef struct {
     char *prompt;              /* prompt text (or multimodal prompt) */
     char **words; int n_words; /* the "tokens" the model echoes */
     int n_input;               /* prompt tokens */
-    long delay_ms, error_after, crash_after, eos_after, finish_after_abort;
+    long delay_ms, error_after, crash_after, eos_after, finish_after_abort, stamp;
 } Run;
 
 static void free_run(Run *r) {
@@ -614,6 +615,12 @@ static void free_run(Run *r) {
 static void sleep_ms(long ms) {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
+}
+
+static long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
 static double now_ms(void) {
@@ -672,7 +679,12 @@ static void *generate(void *arg) {
             if (r->eos_after >= 0 && generated >= r->eos_after) break;
             memset(&res, 0, sizeof res);
             char piece[256];
-            if (k % 4 == 3 && generated + 3 <= r->max_new_tokens) {
+            if (r->stamp > 0) {
+                snprintf(piece, sizeof piece, " %lld", now_ns());
+                res.text = piece; res.token_id = 100 + k;
+                deliver(r, &res, RKLLM_RUN_NORMAL);
+                generated += 1;
+            } else if (k % 4 == 3 && generated + 3 <= r->max_new_tokens) {
                 /* 3 tokens: WAITING without text, WAITING with a partial character, NORMAL whole. */
                 res.text = NULL; res.token_id = 1000 + k;
                 deliver(r, &res, RKLLM_RUN_WAITING);
@@ -865,6 +877,7 @@ static int start_run(LLMHandle handle, RKLLMInput *in, RKLLMInferParam *ip, void
     r->crash_after = trigger(prompt, h->model_path, "crash");
     r->eos_after = trigger(prompt, h->model_path, "eos");
     r->finish_after_abort = trigger(prompt, h->model_path, "finish_after_abort");
+    r->stamp = trigger(prompt, h->model_path, "stamp");
 
     /* The words the model echoes: the prompt's words, or token ids, or embedding rows. */
     r->words = calloc(64, sizeof(char *));
@@ -919,7 +932,12 @@ EXPORT int rkllm_run_async(LLMHandle handle, RKLLMInput *in, RKLLMInferParam *ip
 
 EXPORT int rkllm_abort(LLMHandle handle) {
     Handle *h = as_handle(handle);
-    count("abort");
+    jbuf b = {0};
+    jb_open(&b, NULL);
+    jb_int(&b, "t_ns", now_ns());
+    jb_bool(&b, "running", h && h->running);
+    jb_close(&b);
+    record("abort", b.s);
     if (!h || env_fails("rkllm_abort")) return -1;
     if (h->running) count("abort_while_running");
     h->abort_requested = 1;

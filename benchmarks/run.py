@@ -1,0 +1,420 @@
+"""Benchmarks of mcp-rkllm, every row measured side by side in one run: `python benchmarks/run.py`.
+
+Rows (targets from the benchmarks issue):
+  1. relay capacity: R1 = tokens/s reaching a Python sink on NativeRuntime (fake runtime at full
+     speed); R2 = tokens/s reaching an MCP client's progress callback over stdio. R2/R1 >= 0.8,
+     R2 >= 150,000.
+  2. added latency at NPU pace (40 tokens/s): C callback -> client progress callback over stdio,
+     p50 <= 2 ms, p99 <= 10 ms (the fake stamps each token with CLOCK_MONOTONIC).
+  3. tool-call overhead: rkllm_is_running vs a no-op tool on a bare low-level mcp Server, both
+     over stdio, median ratio <= 1.5.
+  4. CPU runtime end to end: generate over stdio vs raw llama-cpp-python, same model and prompt,
+     greedy, 128 tokens: tokens/s ratio >= 0.95 (skipped without the `cpu` extra).
+  5. isolation cost: rows 1 and 2 with each model in a worker process vs in the server process:
+     capacity ratio >= 0.5, p50 latency added <= 1 ms.
+  6. abort latency (client cancel -> rkllm_abort in the runtime) p50 <= 20 ms; idle server RSS
+     <= 80 MB; RSS growth after 10,000 calls <= 5 MB.
+
+The fake runtime (tests/fake_rkllm) stands in for the NPU; it is built with gcc on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mcp import Client, StdioServerParameters  # noqa: E402
+from mcp.client.stdio import stdio_client  # noqa: E402
+
+from tests.fake_rkllm.build import build_fake  # noqa: E402
+
+ROWS: list[tuple[str, str, str, bool | None]] = []
+
+
+def row(name: str, value: str, target: str, ok: bool | None) -> None:
+    ROWS.append((name, value, target, ok))
+    mark = "" if ok is None else ("ok" if ok else "MISSED")
+    print(f"  {name:<46} {value:<34} {target:<22} {mark}", flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def server_params(library: Path, record_dir: Path, *extra: str) -> StdioServerParameters:
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(REPO),
+           "RKLLM_LIB_PATH": str(library), "FAKE_RKLLM_RECORD_DIR": str(record_dir)}
+    return StdioServerParameters(command=sys.executable, args=["-m", "mcp_rkllm", "--log-level", "ERROR", *extra],
+                                 env=env, cwd=str(REPO))
+
+
+DEVNULL = open(os.devnull, "w")  # noqa: SIM115 - the servers' stderr (the fake's log lines) for the whole run
+
+
+def connect(params: StdioServerParameters) -> Client:
+    """An MCP client on a stdio subprocess whose stderr is discarded."""
+    return Client(stdio_client(params, errlog=DEVNULL), mode="legacy")
+
+
+@asynccontextmanager
+async def session(library: Path, record_dir: Path, *extra: str) -> AsyncIterator[Client]:
+    async with connect(server_params(library, record_dir, *extra)) as client:
+        yield client
+
+
+async def load(client: Client, model: Path, **param: Any) -> str:
+    result = await client.call_tool("rkllm_init", {"param": {"model_path": str(model), **param}})
+    assert not result.is_error, result.content
+    return str(result.structured_content["handle"])  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------- rows 1, 2, 5
+
+
+def relay_sink_rate(library: Path, model: Path, tokens: int) -> float:
+    """R1: tokens/s from the fake through NativeRuntime to a Python sink, no MCP."""
+    from mcp_rkllm.runtime.native import NativeRuntime
+    from mcp_rkllm.structs import RKLLMInferParam, RKLLMInput, RKLLMParam
+
+    m = NativeRuntime.open(str(library)).init(RKLLMParam(model_path=str(model), max_new_tokens=tokens))
+    count = [0]
+
+    def sink(event: object) -> None:
+        count[0] += 1
+
+    try:
+        started = time.perf_counter()
+        result = m.run(RKLLMInput(prompt_input="tok en"), RKLLMInferParam(), sink)
+        elapsed = time.perf_counter() - started
+    finally:
+        m.destroy()
+    assert result.token_count == tokens
+    return tokens / elapsed
+
+
+async def stdio_rate(library: Path, model: Path, records: Path, tokens: int,
+                     isolation: str) -> tuple[float, float, int]:
+    """R2 over stdio: tokens/s reaching the client's progress callback (call start to the last
+    notification), tokens/s of the whole call (until its result, with the full text and token ids,
+    has been parsed and schema-checked by the client), and the number of notifications."""
+    async with session(library, records, "--isolation", isolation) as client:
+        handle = await load(client, model, max_new_tokens=tokens)
+        last = [0.0, 0.0]
+        notes = [0]
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            last[:] = [progress, time.perf_counter()]
+            notes[0] += 1
+
+        await client.call_tool("rkllm_run", {"handle": handle, "rkllm_input": {"prompt_input": "warm up"},
+                                             "rkllm_infer_params": {"max_new_tokens": 1000}})
+        notes[0] = 0
+        started = time.perf_counter()
+        result = await client.call_tool("rkllm_run", {"handle": handle, "rkllm_input": {"prompt_input": "tok en"}},
+                                        progress_callback=on_progress)
+        elapsed = time.perf_counter() - started
+    assert not result.is_error and last[0] == tokens, (result.content, last[0])
+    return tokens / (last[1] - started), tokens / elapsed, notes[0]
+
+
+async def stamp_latency(library: Path, model: Path, records: Path, isolation: str, tokens: int) -> list[float]:
+    """Milliseconds from the fake's callback to the client's progress callback, per token, at 40 tokens/s."""
+    async with session(library, records, "--isolation", isolation) as client:
+        handle = await load(client, model, max_new_tokens=tokens)
+        latencies: list[float] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            now = time.monotonic_ns()
+            latencies.extend((now - int(s)) / 1e6 for s in (message or "").split())
+
+        await client.call_tool("rkllm_run", {"handle": handle,
+                                             "rkllm_input": {"prompt_input": "fake:stamp fake:delay_ms=25"}},
+                               progress_callback=on_progress)
+    return latencies[5:]  # the first tokens pay for warm-up
+
+
+# --------------------------------------------------------------------------- row 3
+
+
+BARE_SERVER = '''
+import anyio
+from mcp.server import Server
+from mcp.server.stdio import stdio_server
+from mcp.types import CallToolResult, ListToolsResult, TextContent, Tool
+
+TOOL = Tool(name="noop", description="nothing", input_schema={"type": "object", "properties": {}})
+
+async def list_tools(ctx, params):
+    return ListToolsResult(tools=[TOOL])
+
+async def call_tool(ctx, params):
+    return CallToolResult(content=[TextContent(type="text", text="{}")], structured_content={})
+
+server = Server("bare", on_list_tools=list_tools, on_call_tool=call_tool)
+
+async def main():
+    async with stdio_server() as (r, w):
+        await server.run(r, w, server.create_initialization_options())
+
+anyio.run(main)
+'''
+
+
+async def call_times(client: Client, name: str, args: dict[str, Any], n: int) -> list[float]:
+    for _ in range(20):
+        await client.call_tool(name, args)
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        await client.call_tool(name, args)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+async def tool_overhead(library: Path, model: Path, records: Path, n: int) -> tuple[float, float]:
+    """Median ms of rkllm_is_running on mcp-rkllm and of a no-op tool on a bare Server, both over stdio."""
+    script = Path(tempfile.mkdtemp()) / "bare_server.py"
+    script.write_text(BARE_SERVER)
+    bare = StdioServerParameters(command=sys.executable, args=[str(script)], cwd=str(REPO),
+                                 env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)})
+    async with session(library, records, "--isolation", "none") as ours, connect(bare) as theirs:
+        handle = await load(ours, model)
+        a: list[float] = []
+        b: list[float] = []
+        for _ in range(5):  # interleaved rounds, so drift hits both alike
+            a += await call_times(ours, "rkllm_is_running", {"handle": handle}, n // 5)
+            b += await call_times(theirs, "noop", {}, n // 5)
+    return statistics.median(a), statistics.median(b)
+
+
+# --------------------------------------------------------------------------- row 4
+
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def raw_llama_rate(gguf: Path, tokens: int) -> float:
+    """tokens/s of raw llama-cpp-python: the reference's low-level loop (llama_decode + a sampler chain),
+    the same chat-templated prompt, greedy with the same penalties, EOS banned, `tokens` tokens."""
+    import ctypes
+
+    import llama_cpp as L
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    threads = os.cpu_count() or 1
+    llm = L.Llama(model_path=str(gguf), n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                  verbose=False)
+    fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="",
+                              add_generation_prompt=True)
+    text = fmt(messages=[{"role": "user", "content": PROMPT}]).prompt
+    prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
+    vocab, ctx, n_vocab = llm._model.vocab, llm.ctx, llm.n_vocab()
+    mem = L.llama_get_memory(ctx)
+    batch = L.llama_batch_init(512, 0, 1)
+
+    def decode(toks: list[int], n_past: int) -> None:
+        batch.n_tokens = len(toks)
+        for i, t in enumerate(toks):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, n_past + i, 1, False
+            batch.seq_id[i][0] = 0
+        batch.logits[len(toks) - 1] = True
+        assert L.llama_decode(ctx, batch) == 0
+
+    def once() -> float:
+        L.llama_memory_clear(mem, True)
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        bias = (L.llama_logit_bias * 2)()
+        for i, t in enumerate((0, 2)):
+            bias[i].token, bias[i].bias = t, float("-inf")
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, 2, bias))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(n_vocab, 64, 1.1, 0.0, 0.0))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        buf = ctypes.create_string_buffer(256)
+        started = time.perf_counter()
+        decode(prompt, 0)
+        n_past = len(prompt)
+        for n in range(tokens):
+            tok = L.llama_sampler_sample(chain, ctx, -1)
+            L.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
+            if n + 1 < tokens:
+                decode([tok], n_past)
+                n_past += 1
+        elapsed = time.perf_counter() - started
+        L.llama_sampler_free(chain)
+        return tokens / elapsed
+
+    once()
+    rates = [once() for _ in range(3)]
+    L.llama_batch_free(batch)
+    llm.close()
+    return statistics.median(rates)
+
+
+async def served_llama_rate(gguf: Path, tokens: int) -> float:
+    """tokens/s of `generate` over stdio on the CPU runtime: same model, prompt, greedy, EOS ignored."""
+    params = StdioServerParameters(command=sys.executable, cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)),
+                                   args=["-m", "mcp_rkllm", "--runtime", "cpu", "--log-level", "ERROR"])
+    async with connect(params) as client:
+        loaded = await client.call_tool("load_model", {"model": gguf.name, "param": {
+            "ignore_eos_token": True, "max_context_len": 2048, "temperature": 0.0}})
+        handle = loaded.structured_content["handle"]  # type: ignore[index]
+        args = {"prompt": PROMPT, "handle": handle, "max_new_tokens": tokens, "temperature": 0.0}
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            pass
+
+        async def once() -> float:
+            started = time.perf_counter()
+            result = await client.call_tool("generate", args, progress_callback=on_progress)
+            elapsed = time.perf_counter() - started
+            assert result.structured_content["token_count"] == tokens, result.content  # type: ignore[index]
+            return tokens / elapsed
+
+        await once()
+        rates = [await once() for _ in range(3)]
+    return statistics.median(rates)
+
+
+# --------------------------------------------------------------------------- row 6
+
+
+async def abort_latency(library: Path, model: Path, records: Path, n: int) -> list[float]:
+    """ms from the client cancelling a streaming call to the fake runtime entering rkllm_abort."""
+    out = []
+    async with session(library, records, "--isolation", "none") as client:
+        handle = await load(client, model, max_new_tokens=100000)
+        for _ in range(n):
+            first = anyio.Event()
+
+            async def on_progress(progress: float, total: float | None, message: str | None,
+                                  first: anyio.Event = first) -> None:
+                first.set()
+
+            async def slow() -> None:
+                await client.call_tool("rkllm_run", {"handle": handle,
+                                                     "rkllm_input": {"prompt_input": "s fake:delay_ms=5"}},
+                                       progress_callback=on_progress)
+
+            (records / "abort.json").unlink(missing_ok=True)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow)
+                await first.wait()
+                cancelled_at = time.monotonic_ns()
+                tg.cancel_scope.cancel()
+            while not (records / "abort.json").exists():
+                await anyio.sleep(0.001)
+            out.append((json.loads((records / "abort.json").read_text())["t_ns"] - cancelled_at) / 1e6)
+            while True:  # the run has stopped before the next one starts
+                r = await client.call_tool("rkllm_is_running", {"handle": handle})
+                if not r.structured_content["running"]:  # type: ignore[index]
+                    break
+    return out
+
+
+async def memory(library: Path, model: Path, records: Path, calls: int) -> tuple[float, float, float]:
+    """Idle RSS of a server with no model, and its RSS before and after `calls` tool calls."""
+    async with session(library, records, "--isolation", "none") as client:
+        idle = (await client.call_tool("server_status", {})).structured_content["rss_mb"]  # type: ignore[index]
+        handle = await load(client, model, max_new_tokens=4)
+        for _ in range(200):
+            await client.call_tool("rkllm_is_running", {"handle": handle})
+        before = (await client.call_tool("server_status", {})).structured_content["rss_mb"]  # type: ignore[index]
+        for i in range(calls):
+            if i % 10 == 0:
+                await client.call_tool("rkllm_run", {"handle": handle, "rkllm_input": {"prompt_input": "m"}})
+            else:
+                await client.call_tool("rkllm_is_running", {"handle": handle})
+        after = (await client.call_tool("server_status", {})).structured_content["rss_mb"]  # type: ignore[index]
+    return float(idle), float(before), float(after)
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def main(args: argparse.Namespace) -> int:
+    library = build_fake("1.3.0", version="1.3.0")
+    work = Path(tempfile.mkdtemp(prefix="mcp-rkllm-bench-"))
+    model = work / "bench.rkllm"
+    model.write_bytes(b"fake model")
+    records = work / "records"
+    records.mkdir()
+    tokens = 100_000 if args.quick else 300_000
+    print(f"mcp-rkllm benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()}, "
+          f"{os.cpu_count()} cores, Python {platform.python_version()}", flush=True)
+    print(f"  {'row':<46} {'measured':<34} {'target':<22}")
+
+    r1 = relay_sink_rate(library, model, tokens)
+    row("1 R1 fake -> NativeRuntime sink", f"{r1:,.0f} tokens/s", "", None)
+    r2, whole, notes = await stdio_rate(library, model, records, tokens, "none")
+    row("1 R2 fake -> MCP client progress, stdio", f"{r2:,.0f} tokens/s ({notes} notifications)", ">= 150,000",
+        r2 >= 150_000)
+    row("1 R2/R1", f"{r2 / r1:.2f}", ">= 0.8", r2 / r1 >= 0.8)
+    row("1 (whole call incl. the final result)", f"{whole:,.0f} tokens/s", "", None)
+
+    lat = await stamp_latency(library, model, records, "none", 120 if args.quick else 240)
+    p50, p99 = pct(lat, 50), pct(lat, 99)
+    row("2 latency at 40 tokens/s, stdio, p50 / p99", f"{p50:.2f} / {p99:.2f} ms ({len(lat)} tokens)",
+        "<= 2 / <= 10 ms", p50 <= 2 and p99 <= 10)
+
+    ours, bare = await tool_overhead(library, model, records, 500 if args.quick else 1000)
+    row("3 rkllm_is_running vs bare Server no-op (median)", f"{ours:.3f} vs {bare:.3f} ms = {ours / bare:.2f}x",
+        "<= 1.5x", ours / bare <= 1.5)
+
+    try:
+        import llama_cpp  # noqa: F401
+
+        from mcp_rkllm.models.store import bundled_model
+
+        gguf = bundled_model()
+    except ImportError:
+        gguf = None
+    if gguf is None or args.skip_cpu:
+        row("4 CPU runtime generate vs raw llama-cpp-python", "skipped (no `cpu` extra)", ">= 0.95", None)
+    else:
+        served = await served_llama_rate(gguf, 128)
+        raw = raw_llama_rate(gguf, 128)
+        row("4 CPU generate over stdio vs raw llama-cpp", f"{served:.1f} vs {raw:.1f} tokens/s = {served / raw:.2f}",
+            ">= 0.95", served / raw >= 0.95)
+
+    r2w, _, notes_w = await stdio_rate(library, model, records, tokens, "process")
+    row("5 R2 with a worker process per model", f"{r2w:,.0f} tokens/s ({notes_w} notifications)", "", None)
+    row("5 capacity, worker / in-process", f"{r2w / r2:.2f}", ">= 0.5", r2w / r2 >= 0.5)
+    latw = await stamp_latency(library, model, records, "process", 120 if args.quick else 240)
+    added = pct(latw, 50) - p50
+    row("5 latency with worker p50 / p99 (added p50)", f"{pct(latw, 50):.2f} / {pct(latw, 99):.2f} ms (+{added:.2f})",
+        "added p50 <= 1 ms", added <= 1)
+
+    aborts = await abort_latency(library, model, records, 10 if args.quick else 25)
+    row("6 abort latency p50 / p99", f"{pct(aborts, 50):.1f} / {pct(aborts, 99):.1f} ms ({len(aborts)} cancels)",
+        "p50 <= 20 ms", pct(aborts, 50) <= 20)
+    idle, before, after = await memory(library, model, records, 2000 if args.quick else 10_000)
+    row("6 idle server RSS, no model", f"{idle:.1f} MB", "<= 80 MB", idle <= 80)
+    calls = 2000 if args.quick else 10_000
+    row(f"6 RSS growth over {calls:,} calls", f"{after - before:+.1f} MB ({before:.1f} -> {after:.1f})", "<= 5 MB",
+        after - before <= 5)
+    missed = [r for r in ROWS if r[3] is False]
+    print(f"\n{len(ROWS)} rows, {len(missed)} missed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and calls (about half the time)")
+    parser.add_argument("--skip-cpu", action="store_true", help="skip row 4 (the CPU runtime)")
+    sys.exit(anyio.run(main, parser.parse_args()))
