@@ -59,7 +59,8 @@ def pct(values: list[float], q: float) -> float:
 
 def server_params(library: Path, record_dir: Path, *extra: str) -> StdioServerParameters:
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(REPO),
-           "RKLLM_LIB_PATH": str(library), "FAKE_RKLLM_RECORD_DIR": str(record_dir)}
+           "RKLLM_LIB_PATH": str(library), "FAKE_RKLLM_RECORD_DIR": str(record_dir),
+           "MCP_RKLLM_MODELS": str(record_dir.parent), "MCP_RKLLM_CACHE_DIR": str(record_dir.parent)}
     return StdioServerParameters(command=sys.executable, args=["-m", "mcp_rkllm", "--log-level", "ERROR", *extra],
                                  env=env, cwd=str(REPO))
 

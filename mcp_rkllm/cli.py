@@ -54,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
                    help="default stdio; http = Streamable HTTP at /mcp; sse = legacy HTTP+SSE at /sse")
     p.add_argument("--host", help="HTTP/SSE bind address (default 127.0.0.1; loopback only)")
     p.add_argument("--port", type=int, help="HTTP/SSE port (default 8000)")
+    p.add_argument("--auth-token", help="bearer token HTTP clients must send; required off loopback "
+                                        "(prefer the MCP_RKLLM_AUTH_TOKEN environment variable: flags show in ps)")
+    p.add_argument("--allowed-hosts", action="append", metavar="HOST",
+                   help="Host header accepted off loopback (repeatable; default any, the token guards)")
+    p.add_argument("--cache-dir", help="where prompt caches are written (default ~/.cache/mcp-rkllm)")
     _server_flags(p)
     return p
 

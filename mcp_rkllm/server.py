@@ -7,6 +7,7 @@ reaches the wire). Every handle is aborted and destroyed when the last connectio
 
 from __future__ import annotations
 
+import hmac
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from mcp.server import Server, ServerRequestContext
 from mcp.types import CallToolRequestParams, CallToolResult, ListToolsResult, PaginatedRequestParams
 
 from mcp_rkllm import __version__
-from mcp_rkllm.config import Settings
+from mcp_rkllm.config import Settings, is_loopback
 from mcp_rkllm.runtime.base import Runtime
 from mcp_rkllm.tools import api, friendly
 from mcp_rkllm.tools.handles import AppState
@@ -93,27 +94,81 @@ async def serve_stdio(server: Server[Any]) -> None:
         await server.run(read, write, server.create_initialization_options())
 
 
+def transport_security(settings: Settings) -> Any:
+    """Host/Origin checks (DNS-rebinding protection): loopback names on loopback; on another
+    address, the --allowed-hosts list (without one, any Host: the bearer token is the guard)."""
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    if is_loopback(settings.host):
+        hosts = ["127.0.0.1", "localhost", "[::1]"]
+    elif settings.allowed_hosts:
+        hosts = list(settings.allowed_hosts)
+    else:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    allowed = [_with_port(h) for h in hosts]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=allowed,
+                                     allowed_origins=[f"http://{h}" for h in allowed] +
+                                     [f"https://{h}" for h in allowed])
+
+
+def _with_port(host: str) -> str:
+    """`host` as a Host-header pattern: any port unless one is given ("[::1]" -> "[::1]:*")."""
+    if host.startswith("["):
+        return host if "]:" in host else host + ":*"
+    return host if ":" in host else host + ":*"
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <token>` (else 401).
+
+    The comparison is constant-time and the token is never logged.
+    """
+
+    def __init__(self, app: Any, token: str):
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+        if not hmac.compare_digest(given, self._token):
+            body = b'{"error": "unauthorized: send Authorization: Bearer <token>"}'
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="mcp-rkllm"'),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def protect(app: Any, settings: Settings) -> Any:
+    """The app behind the bearer-token check when a token is set."""
+    return BearerAuth(app, settings.auth_token) if settings.auth_token else app
+
+
 def http_app(server: RkllmServer, settings: Settings) -> Any:
-    """The Streamable HTTP app (endpoint /mcp); DNS-rebinding protection is on for loopback hosts."""
+    """The Streamable HTTP app (endpoint /mcp) with Host/Origin checks and the body-size limit."""
     server.state.request_is_response_stream = True
-    return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host)
+    return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
+                                      transport_security=transport_security(settings),
+                                      max_request_body_size=settings.max_request_bytes)
 
 
 def sse_app(server: Server[Any], settings: Settings) -> Any:
     """The legacy HTTP+SSE app: GET /sse opens the stream, POST /messages/ carries requests."""
     from mcp.server.sse import SseServerTransport
-    from mcp.server.transport_security import TransportSecuritySettings
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Mount, Route
 
-    security = TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
-        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
-    )
-    transport = SseServerTransport("/messages/", security_settings=security)
+    transport = SseServerTransport("/messages/", security_settings=transport_security(settings),
+                                   max_request_body_size=settings.max_request_bytes)
 
     async def handle_sse(request: Request) -> Response:
         async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
@@ -142,6 +197,6 @@ async def serve(settings: Settings) -> None:
     if settings.transport == "stdio":
         await serve_stdio(server)
     elif settings.transport == "http":
-        await serve_http(http_app(server, settings), settings)
+        await serve_http(protect(http_app(server, settings), settings), settings)
     else:
-        await serve_http(sse_app(server, settings), settings)
+        await serve_http(protect(sse_app(server, settings), settings), settings)

@@ -12,8 +12,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def server_env(library: Path, record_dir: Path | None = None, **extra: str) -> dict[str, str]:
-    """Environment for an `mcp-rkllm` subprocess using the fake runtime at `library`."""
+def server_env(library: Path, record_dir: Path | None = None, root: Path | None = None,
+               **extra: str) -> dict[str, str]:
+    """Environment for an `mcp-rkllm` subprocess using the fake runtime at `library`.
+
+    `root` (default: the record directory's parent, the test's tmp_path) is both the model root
+    and the cache directory, so the test's model files and prompt caches are allowed paths.
+    """
     env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": os.environ.get("HOME", "/tmp"),
@@ -24,6 +29,9 @@ def server_env(library: Path, record_dir: Path | None = None, **extra: str) -> d
     if record_dir is not None:
         record_dir.mkdir(exist_ok=True)
         env["FAKE_RKLLM_RECORD_DIR"] = str(record_dir)
+        root = root or record_dir.parent
+    if root is not None:
+        env["MCP_RKLLM_MODELS"] = env["MCP_RKLLM_CACHE_DIR"] = str(root)
     env.update(extra)
     return env
 

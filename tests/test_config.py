@@ -28,7 +28,9 @@ def test_environment_then_flags() -> None:
 @pytest.mark.parametrize(("env", "message"), [
     ({"MCP_RKLLM_PORT": "eighty"}, "not a number"),
     ({"MCP_RKLLM_PORT": "70000"}, "out of range"),
-    ({"MCP_RKLLM_TRANSPORT": "http", "MCP_RKLLM_HOST": "0.0.0.0"}, "loopback"),
+    ({"MCP_RKLLM_TRANSPORT": "http", "MCP_RKLLM_HOST": "0.0.0.0"}, "without a token"),
+    ({"MCP_RKLLM_TRANSPORT": "http", "MCP_RKLLM_HOST": "0.0.0.0", "MCP_RKLLM_AUTH_TOKEN": "short"}, "16 characters"),
+    ({"MCP_RKLLM_MAX_PROMPT_BYTES": "0"}, "at least 1"),
     ({"MCP_RKLLM_TRANSPORT": "carrier-pigeon"}, "transport"),
 ])
 def test_bad_settings_are_refused(env: dict[str, str], message: str) -> None:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 async def cpu(tmp_path: Path) -> AsyncIterator[Client]:
     require_cpu_runtime()
-    async with Client(build_server(Settings(runtime="cpu", models=(str(tmp_path),)))) as c:
+    async with Client(build_server(Settings(runtime="cpu", models=(str(tmp_path),), cache_dir=str(tmp_path)))) as c:
         yield c
 
 

@@ -30,8 +30,9 @@ def abi() -> str:
 
 
 @pytest.fixture
-async def client(fake_path: Path, fake: FakeView) -> AsyncIterator[Client]:
-    async with Client(build_server(Settings(library=str(fake_path), isolation="process"))) as c:
+async def client(fake_path: Path, fake: FakeView, tmp_path: Path) -> AsyncIterator[Client]:
+    async with Client(build_server(Settings(library=str(fake_path), isolation="process",
+                                            models=(str(tmp_path),), cache_dir=str(tmp_path)))) as c:
         yield c
 
 
@@ -141,7 +142,7 @@ def test_workers_die_with_a_sigkilled_server(fake_path: Path, model_file: Path, 
     from tests.servers import REPO, server_env
 
     proc = subprocess.Popen([sys.executable, "-m", "mcp_rkllm", "--isolation", "process"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=server_env(fake_path), cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=server_env(fake_path, root=tmp_path), cwd=REPO)
     assert proc.stdin is not None and proc.stdout is not None
 
     def rpc(i: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -39,8 +39,9 @@ def isolation(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def client(fake_path: Path, fake: FakeView, era: str, isolation: str) -> AsyncIterator[Client]:
-    async with Client(build_server(Settings(library=str(fake_path), isolation=isolation)), mode=era) as c:
+async def client(fake_path: Path, fake: FakeView, era: str, isolation: str, tmp_path: Path) -> AsyncIterator[Client]:
+    settings = Settings(library=str(fake_path), isolation=isolation, models=(str(tmp_path),), cache_dir=str(tmp_path))
+    async with Client(build_server(settings), mode=era) as c:
         yield c
 
 
@@ -139,7 +140,8 @@ async def test_every_tool_succeeds_with_valid_arguments(client: Client, fake: Fa
 INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("rkllm_createDefaultParam", {"extra": 1}, "INVALID_PARAMS"),
     ("rkllm_init", {}, "INVALID_PARAMS"),
-    ("rkllm_init", {"param": {"model_path": "/nonexistent/model.rkllm"}}, "RKLLM_CALL_FAILED"),
+    ("rkllm_init", {"param": {"model_path": "/nonexistent/model.rkllm"}}, "PATH_NOT_ALLOWED"),
+    ("rkllm_init", {"param": {"model_path": "missing.rkllm"}}, "RKLLM_CALL_FAILED"),
     ("rkllm_init", {"param": {"top_k": "many"}}, "INVALID_PARAMS"),
     ("rkllm_init", {"param": {"model_path": "m", "top_k": 2**40}}, "INVALID_PARAMS"),
     ("rkllm_destroy", {"handle": "h-0"}, "UNKNOWN_HANDLE"),
@@ -164,8 +166,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "encoder_k_cache": [1.0], "encoder_v_cache": [1.0], "encoder_mask": [1.0, 1.0], "encoder_pos": [0],
         "num_tokens": 1}}, "INVALID_PARAMS"),
     ("rkllm_load_lora", {"handle": "HANDLE", "lora_adapter": {"lora_adapter_path": "/nonexistent",
+                                                              "lora_adapter_name": "x"}}, "PATH_NOT_ALLOWED"),
+    ("rkllm_load_lora", {"handle": "HANDLE", "lora_adapter": {"lora_adapter_path": "no-such-adapter.rkllm",
                                                               "lora_adapter_name": "x"}}, "RKLLM_CALL_FAILED"),
-    ("rkllm_load_prompt_cache", {"handle": "HANDLE", "prompt_cache_path": "/nonexistent.bin"}, "RKLLM_CALL_FAILED"),
+    ("rkllm_load_prompt_cache", {"handle": "HANDLE", "prompt_cache_path": "/nonexistent.bin"}, "PATH_NOT_ALLOWED"),
+    ("rkllm_load_prompt_cache", {"handle": "HANDLE", "prompt_cache_path": "missing.bin"}, "RKLLM_CALL_FAILED"),
     ("rkllm_release_prompt_cache", {"handle": 5}, "INVALID_PARAMS"),
 ]
 
@@ -249,7 +254,8 @@ async def test_cancel_mid_run_aborts_and_the_handle_stays_usable(client: Client,
 @pytest.mark.parametrize("abi", ["1.3.0"])
 async def test_second_run_on_a_busy_handle_waits_then_busy(fake_path: Path, fake: FakeView, model_file: Path,
                                                            isolation: str) -> None:
-    server = build_server(Settings(library=str(fake_path), busy_timeout=0.2, isolation=isolation))
+    server = build_server(Settings(library=str(fake_path), busy_timeout=0.2, isolation=isolation,
+                                   models=(str(model_file.parent),)))
     async with Client(server) as c:
         h = await init(c, model_file, max_new_tokens=30)
         results: dict[str, Any] = {}
@@ -333,7 +339,8 @@ async def test_no_library_means_clear_errors_not_a_dead_server(tmp_path: Path, i
 @pytest.mark.parametrize("abi", ["1.3.0"])
 async def test_handles_are_destroyed_when_the_server_stops(fake_path: Path, fake: FakeView, model_file: Path,
                                                           isolation: str) -> None:
-    async with Client(build_server(Settings(library=str(fake_path), isolation=isolation))) as c:
+    async with Client(build_server(Settings(library=str(fake_path), isolation=isolation,
+                                            models=(str(model_file.parent),)))) as c:
         await init(c, model_file)
         await init(c, model_file)
     assert fake.count("destroy") == 2

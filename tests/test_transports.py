@@ -132,7 +132,7 @@ def test_non_loopback_bind_is_refused() -> None:
 
     proc = subprocess.run([sys.executable, "-m", "mcp_rkllm", "--transport", "http", "--host", "0.0.0.0"],
                           capture_output=True, text=True, timeout=30, env=server_env(Path("/nonexistent")), cwd=REPO)
-    assert proc.returncode == 2 and "loopback" in proc.stderr
+    assert proc.returncode == 2 and "without a token" in proc.stderr
 
 
 @pytest.mark.parametrize("mode", ["legacy"])

@@ -59,7 +59,8 @@ class HandleParams(Params):
 
 async def _call(entry: HandleEntry, ctx: ToolContext, function: str, fn: Any, *args: Any) -> None:
     """Run one state-changing C call on a worker thread while holding the handle's run slot."""
-    async with entry.using(ctx.state.settings.busy_timeout, function):
+    settings = ctx.state.settings
+    async with entry.using(settings.busy_timeout, function, settings.max_queued_runs):
         try:
             await anyio.to_thread.run_sync(fn, *args)
         except RkllmError as exc:
@@ -134,12 +135,23 @@ class RunToolResult(RunResult):
     handle: str
 
 
+def confine_cache(ctx: ToolContext, infer: RKLLMInferParam, function: str) -> RKLLMInferParam:
+    """A run that saves a prompt cache writes it inside the cache directory, never elsewhere."""
+    p = infer.prompt_cache_params
+    if p is None or not p.save_prompt_cache:
+        return infer
+    path = ctx.state.paths.cache_file(p.prompt_cache_path, function, write=True)
+    return infer.model_copy(update={"prompt_cache_params": p.model_copy(update={"prompt_cache_path": path})})
+
+
 async def relay_run(ctx: ToolContext, entry: HandleEntry, inp: RKLLMInput, infer: RKLLMInferParam,
                     function: str) -> RunResult:
     """One run on the handle's slot, its tokens relayed as progress; RKLLM_RUN_ERROR is GENERATION_ERROR."""
     model = entry.model
+    infer = confine_cache(ctx, infer, function)
     total = effective_max_new_tokens(model, infer) if produces_text(infer) else None
-    async with entry.using(ctx.state.settings.busy_timeout, function):
+    settings = ctx.state.settings
+    async with entry.using(settings.busy_timeout, function, settings.max_queued_runs):
         relay: Relay[RunResult] = Relay(ctx.report, total, ctx.gone)
         try:
             result = await relay.run(lambda: model.run(inp, infer, relay.sink), model.abort,
@@ -184,12 +196,12 @@ async def run_async(ctx: ToolContext, p: RunParams) -> RunAsyncResult:
     """
     entry = ctx.state.get(p.handle, "rkllm_run_async")
     entry.conversation = []
-    await entry.acquire(ctx.state.settings.busy_timeout, "rkllm_run_async")
+    infer = confine_cache(ctx, p.rkllm_infer_params, "rkllm_run_async")
+    await entry.acquire(ctx.state.settings.busy_timeout, "rkllm_run_async", ctx.state.settings.max_queued_runs)
     try:
-        total = effective_max_new_tokens(entry.model, p.rkllm_infer_params)
+        total = effective_max_new_tokens(entry.model, infer)
         state = AsyncRunState("r-" + secrets.token_hex(4), total)
-        state.run = await anyio.to_thread.run_sync(entry.model.run_async, p.rkllm_input, p.rkllm_infer_params,
-                                                   state.sink)
+        state.run = await anyio.to_thread.run_sync(entry.model.run_async, p.rkllm_input, infer, state.sink)
     except BaseException:
         entry.release()
         raise
@@ -378,7 +390,9 @@ class LoraParams(Params):
 async def load_lora(ctx: ToolContext, p: LoraParams) -> Ok:
     """Load a LoRA adapter (rkllm_load_lora); select it per run with rkllm_infer_params.lora_params."""
     entry = ctx.state.get(p.handle, "rkllm_load_lora")
-    await _call(entry, ctx, "rkllm_load_lora", entry.model.load_lora, p.lora_adapter)
+    path = ctx.state.paths.model_file(p.lora_adapter.lora_adapter_path, "rkllm_load_lora")
+    adapter = p.lora_adapter.model_copy(update={"lora_adapter_path": path})
+    await _call(entry, ctx, "rkllm_load_lora", entry.model.load_lora, adapter)
     return Ok(handle=p.handle)
 
 
@@ -391,7 +405,8 @@ class PromptCacheParams(Params):
 async def load_prompt_cache(ctx: ToolContext, p: PromptCacheParams) -> Ok:
     """Load a saved prompt cache (rkllm_load_prompt_cache): runs starting with that prefix skip its prefill."""
     entry = ctx.state.get(p.handle, "rkllm_load_prompt_cache")
-    await _call(entry, ctx, "rkllm_load_prompt_cache", entry.model.load_prompt_cache, p.prompt_cache_path)
+    path = ctx.state.paths.cache_file(p.prompt_cache_path, "rkllm_load_prompt_cache", write=False)
+    await _call(entry, ctx, "rkllm_load_prompt_cache", entry.model.load_prompt_cache, path)
     return Ok(handle=p.handle)
 
 

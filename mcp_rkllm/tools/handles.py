@@ -24,7 +24,8 @@ import anyio
 
 from mcp_rkllm.config import Settings
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.models.store import ModelStore
+from mcp_rkllm.models.paths import PathPolicy, default_cache_dir
+from mcp_rkllm.models.store import ModelStore, bundled_model
 from mcp_rkllm.runtime.base import AsyncRun, LoadedModel, RunEvent, Runtime, Token, TokenBatch, Waiting
 from mcp_rkllm.structs import RKLLMExtendParam, RKLLMParam, RunResult
 
@@ -135,26 +136,39 @@ class HandleEntry:
     conversation: list[dict[str, str]] = field(default_factory=list)
     """The chat messages the KV cache holds (for chat's incremental turns)."""
     runs: int = 0
+    waiting: int = 0
     loaded_at: float = field(default_factory=time.time)
 
-    async def acquire(self, timeout: float, function: str) -> None:
-        """Take the run slot, polling for up to `timeout` seconds, else raise BUSY (cancellable)."""
+    async def acquire(self, timeout: float, function: str, max_waiting: int | None = None) -> None:
+        """Take the run slot, polling for up to `timeout` seconds, else raise BUSY (cancellable).
+
+        With `max_waiting`, a call that would be one too many in the queue is refused at once.
+        """
+        if self.slot.acquire(blocking=False):
+            return
+        if max_waiting is not None and self.waiting >= max_waiting:
+            raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"calls queued on handle {self.id}",
+                             value=self.waiting + 1, limit=max_waiting)
         deadline = time.monotonic() + timeout
         delay = 0.002
-        while not self.slot.acquire(blocking=False):
-            if time.monotonic() >= deadline:
-                raise RkllmError("BUSY", function=function, handle=self.id, waited_s=round(timeout, 3))
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        self.waiting += 1
+        try:
+            while not self.slot.acquire(blocking=False):
+                if time.monotonic() >= deadline:
+                    raise RkllmError("BUSY", function=function, handle=self.id, waited_s=round(timeout, 3))
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        finally:
+            self.waiting -= 1
 
     def release(self) -> None:
         """Give the run slot back (from any thread)."""
         self.slot.release()
 
     @asynccontextmanager
-    async def using(self, timeout: float, function: str) -> AsyncIterator[HandleEntry]:
+    async def using(self, timeout: float, function: str, max_waiting: int | None = None) -> AsyncIterator[HandleEntry]:
         """Hold the run slot for the body."""
-        await self.acquire(timeout, function)
+        await self.acquire(timeout, function, max_waiting)
         try:
             yield self
         finally:
@@ -173,6 +187,9 @@ class AppState:
         self._opened = runtime is not None
         self.runtime_reason = "injected" if runtime is not None else ""
         self.store = ModelStore.from_dirs(list(settings.models))
+        bundled = bundled_model()
+        self.paths = PathPolicy(self.store.roots + ([bundled.parent] if bundled else []),
+                                Path(settings.cache_dir) if settings.cache_dir else default_cache_dir())
         self.default_handle: str | None = None
         self.crashed: dict[str, RkllmError] = {}
         """Handles whose worker died, and why (the newest CRASH_MEMORY of them)."""
@@ -258,6 +275,11 @@ class AppState:
     async def load(self, param: RKLLMParam, function: str, model_name: str | None = None) -> HandleEntry:
         """rkllm_init through the runtime, after the checks the hardware needs; registers the handle."""
         runtime = self.require_runtime(function)
+        if len(self.handles) >= self.settings.max_loaded_models:
+            raise RkllmError("LIMIT_EXCEEDED", function=function, what="the number of loaded models",
+                             value=len(self.handles) + 1, limit=self.settings.max_loaded_models)
+        if param.model_path:
+            param = param.model_copy(update={"model_path": self.paths.model_file(param.model_path, function)})
         param = self._prepare(runtime, param, function)
         model = await anyio.to_thread.run_sync(runtime.init, param)
         return self.add(model, param, model_name)

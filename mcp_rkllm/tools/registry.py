@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mcp_rkllm.errors import RkllmError, error_result
 from mcp_rkllm.streaming.relay import GoneCheck, Reporter
 from mcp_rkllm.tools.handles import AppState
+from mcp_rkllm.tools.limits import enforce
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class Registry:
             text, errors = _validation_detail(exc)
             return error_result(RkllmError("INVALID_PARAMS", function=name, detail=text, errors=errors), name)
         try:
+            enforce(params, ctx.state.settings, name)
             result = await spec.handler(ctx, params)
         except anyio.get_cancelled_exc_class():
             raise
