@@ -142,7 +142,8 @@ def test_workers_die_with_a_sigkilled_server(fake_path: Path, model_file: Path, 
     from tests.servers import REPO, server_env
 
     proc = subprocess.Popen([sys.executable, "-m", "mcp_rkllm", "--isolation", "process"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=server_env(fake_path, root=tmp_path), cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=server_env(fake_path, root=tmp_path), cwd=REPO)
     assert proc.stdin is not None and proc.stdout is not None
 
     def rpc(i: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
