@@ -89,6 +89,7 @@ UInt8 = Annotated[int, Field(ge=0, le=2**8 - 1)]
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 SizeT = Annotated[int, Field(ge=0, le=2**62)]
+Count = Annotated[int, Field(ge=1, le=2**62)]  # a size_t that must be at least 1
 Float = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -152,7 +153,7 @@ class RKLLMEmbedInput(CStruct):
     """Input embeddings: n_tokens rows of the model's embedding size, row-major."""
 
     embed: list[Float] = Field(min_length=1, description="n_tokens x n_embed floats.")
-    n_tokens: SizeT = Field(ge=1)
+    n_tokens: Count
 
     @model_validator(mode="after")
     def _shape(self) -> RKLLMEmbedInput:
@@ -180,8 +181,8 @@ class RKLLMImageInput(CStruct):
     """Images of a multimodal input (1.3.0 layout; on 1.2.x the shared fields map to the flat ones)."""
 
     image_embed: list[Float] = Field(min_length=1, description="n_image x n_image_tokens x dim floats.")
-    n_image_tokens: SizeT = Field(ge=1)
-    n_image: SizeT = Field(1, ge=1, description="Must equal the number of <image> tags in the prompt.")
+    n_image_tokens: Count
+    n_image: Count = Field(1, description="Must equal the number of <image> tags in the prompt.")
     image_start: str | None = Field(None, description='e.g. "<|vision_start|>" (1.3.0).')
     image_end: str | None = Field(None, description='e.g. "<|vision_end|>" (1.3.0).')
     image_content: str | None = Field(None, description='e.g. "<|image_pad|>" (1.3.0).')
@@ -199,9 +200,9 @@ class RKLLMVideoInput(CStruct):
     """Videos of a multimodal input (1.3.0 only)."""
 
     video_embed: list[Float] = Field(min_length=1)
-    n_frame_tokens: SizeT = Field(ge=1)
-    n_frame_per_video: SizeT = Field(ge=1)
-    n_video: SizeT = Field(1, ge=1)
+    n_frame_tokens: Count
+    n_frame_per_video: Count
+    n_video: Count = 1
     video_start: str | None = None
     video_end: str | None = None
     video_content: str | None = None
@@ -368,7 +369,7 @@ class RKLLMCrossAttnParam(CStruct):
     encoder_v_cache: list[Float] = Field(min_length=1)
     encoder_mask: list[Float] = Field(min_length=1, description="num_tokens floats.")
     encoder_pos: list[Int32] = Field(min_length=1, description="num_tokens positions.")
-    num_tokens: Int32 = Field(ge=1)
+    num_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)]
 
     @model_validator(mode="after")
     def _shape(self) -> RKLLMCrossAttnParam:

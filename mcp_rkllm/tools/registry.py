@@ -141,6 +141,10 @@ class Registry:
         except ValidationError as exc:
             text, errors = _validation_detail(exc)
             return error_result(RkllmError("INVALID_PARAMS", function=name, detail=text, errors=errors), name)
+        except Exception as exc:  # a validator that raised something else: still the caller's arguments
+            log.exception("validating the arguments of %s failed", name)
+            return error_result(RkllmError("INVALID_PARAMS", function=name, detail=f"{type(exc).__name__}: {exc}"),
+                                name)
         try:
             enforce(params, ctx.state.settings, name)
             result = await spec.handler(ctx, params)
