@@ -158,11 +158,11 @@ async def test_bearer_token_is_required_and_checked(secured: tuple[str, Path, An
         big = await http.post(f"{base}/mcp", headers=dict(headers, Authorization=f"Bearer {TOKEN}"),
                               content=b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "pad": "' + b"x" * 70000 + b'"}')
         assert big.status_code == 413  # the request body limit
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as authed:
-        async with Client(streamable_http_client(f"{base}/mcp", http_client=authed), mode="legacy") as client:
-            r = await call(client, "rkllm_init", {"param": {"model_path": "m.rkllm", "max_new_tokens": 3}})
-            run = await call(client, "rkllm_run", {"handle": r["handle"], "rkllm_input": {"prompt_input": "ok"}})
-            assert run["text"] == "ok ok ok"
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as authed, \
+            Client(streamable_http_client(f"{base}/mcp", http_client=authed), mode="legacy") as client:
+        r = await call(client, "rkllm_init", {"param": {"model_path": "m.rkllm", "max_new_tokens": 3}})
+        run = await call(client, "rkllm_run", {"handle": r["handle"], "rkllm_input": {"prompt_input": "ok"}})
+        assert run["text"] == "ok ok ok"
     stop(proc)
     assert proc.stderr is not None
     assert TOKEN not in proc.stderr.read().decode()  # never logged
