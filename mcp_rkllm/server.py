@@ -8,6 +8,7 @@ reaches the wire). Every handle is aborted and destroyed when the last connectio
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -15,11 +16,24 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from mcp import MCPError
 from mcp.server import Server, ServerRequestContext
-from mcp.types import CallToolRequestParams, CallToolResult, ListToolsResult, PaginatedRequestParams
+from mcp.types import (
+    INVALID_PARAMS,
+    CallToolRequestParams,
+    CallToolResult,
+    ListResourcesResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    ReadResourceRequestParams,
+    ReadResourceResult,
+    Resource,
+    TextResourceContents,
+)
 
 from mcp_rkllm import __version__
 from mcp_rkllm.config import Settings, is_loopback
+from mcp_rkllm.errors import ERRORS
 from mcp_rkllm.runtime.base import Runtime
 from mcp_rkllm.tools import api, friendly
 from mcp_rkllm.tools.handles import AppState
@@ -32,6 +46,28 @@ INSTRUCTIONS = (
     "(param.model_path) returns a handle; rkllm_run with {handle, rkllm_input: {prompt_input}} generates "
     "(tokens stream as progress); rkllm_destroy frees it. Errors carry a code, a hint and whether to retry."
 )
+
+
+#: uri -> (name, description) of the resources the server offers.
+RESOURCES: dict[str, tuple[str, str]] = {
+    "rkllm://status": ("status", "Runtime (library, ABI, or the CPU runtime), loaded handles, model roots, memory."),
+    "rkllm://models": ("models", "The model files the server can load, with sizes and sidecar defaults."),
+    "rkllm://metrics": ("metrics", "Per-tool calls, failures and latency; tokens, tokens/s, time to first token; "
+                                   "peak RSS."),
+    "rkllm://errors": ("errors", "Every error code the server can return, with its number, meaning and hint."),
+}
+
+
+async def resource_data(state: AppState, uri: str) -> Any:
+    """The JSON content of one resource."""
+    if uri == "rkllm://status":
+        return friendly.status_snapshot(state).model_dump(mode="json")
+    if uri == "rkllm://models":
+        return (await friendly.models_snapshot(state)).model_dump(mode="json")
+    if uri == "rkllm://metrics":
+        return state.metrics.snapshot()
+    return [{"code": e.code, "number": e.number, "message": e.template, "retryable": e.retryable, "hint": e.hint}
+            for e in ERRORS.values()]
 
 
 def build_registry() -> Registry:
@@ -72,9 +108,25 @@ def build_server(settings: Settings, runtime: Runtime | None = None) -> RkllmSer
         return await registry.call(params.name, params.arguments,
                                    ToolContext(state, ctx.session.report_progress, gone))
 
+    async def list_resources(ctx: ServerRequestContext[AppState],
+                             params: PaginatedRequestParams | None) -> ListResourcesResult:
+        return ListResourcesResult(resources=[
+            Resource(uri=uri, name=name, description=description, mime_type="application/json")
+            for uri, (name, description) in RESOURCES.items()])
+
+    async def read_resource(ctx: ServerRequestContext[AppState], params: ReadResourceRequestParams,
+                            ) -> ReadResourceResult:
+        uri = str(params.uri)
+        if uri not in RESOURCES:
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown resource: {uri}", data={"uri": uri})
+        data = await resource_data(state, uri)
+        return ReadResourceResult(contents=[TextResourceContents(
+            uri=uri, mime_type="application/json", text=json.dumps(data, indent=1, ensure_ascii=False))])
+
     server = RkllmServer(
         "mcp-rkllm", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan,
         on_list_tools=list_tools, on_call_tool=call_tool, get_tool_input_schema=registry.input_schema,
+        on_list_resources=list_resources, on_read_resource=read_resource,
     )
     server.state = state
     return server
@@ -156,10 +208,23 @@ def http_app(server: RkllmServer, settings: Settings) -> Any:
     server.state.request_is_response_stream = True
     return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
                                       transport_security=transport_security(settings),
-                                      max_request_body_size=settings.max_request_bytes)
+                                      max_request_body_size=settings.max_request_bytes,
+                                      custom_starlette_routes=[metrics_route(server)])
 
 
-def sse_app(server: Server[Any], settings: Settings) -> Any:
+def metrics_route(server: RkllmServer) -> Any:
+    """GET /metrics: the metrics in Prometheus text format."""
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(server.state.metrics.prometheus(), media_type="text/plain; version=0.0.4")
+
+    return Route("/metrics", endpoint=metrics, methods=["GET"])
+
+
+def sse_app(server: RkllmServer, settings: Settings) -> Any:
     """The legacy HTTP+SSE app: GET /sse opens the stream, POST /messages/ carries requests."""
     from mcp.server.sse import SseServerTransport
     from starlette.applications import Starlette
@@ -176,7 +241,7 @@ def sse_app(server: Server[Any], settings: Settings) -> Any:
         return Response()
 
     return Starlette(routes=[Route("/sse", endpoint=handle_sse, methods=["GET"]),
-                             Mount("/messages/", app=transport.handle_post_message)])
+                             Mount("/messages/", app=transport.handle_post_message), metrics_route(server)])
 
 
 async def serve_http(app: Any, settings: Settings) -> None:

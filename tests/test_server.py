@@ -375,3 +375,34 @@ async def test_client_timeout_aborts_the_run(client: Client, fake: FakeView, mod
     r = await call(client, "rkllm_run", {"handle": h, "rkllm_input": {"prompt_input": "next"},
                                          "rkllm_infer_params": {"max_new_tokens": 1}})
     assert r["text"] == "next"
+
+
+@pytest.mark.parametrize("abi", ["1.3.0"])
+async def test_resources_are_listed_readable_and_metrics_move(client: Client, model_file: Path) -> None:
+    import json as _json
+
+    listed = {str(r.uri) for r in (await client.list_resources()).resources}
+    assert listed == {"rkllm://status", "rkllm://models", "rkllm://metrics", "rkllm://errors"}
+
+    async def read(uri: str) -> Any:
+        contents = (await client.read_resource(uri)).contents
+        return _json.loads(contents[0].text)  # type: ignore[union-attr]
+
+    errors = await read("rkllm://errors")
+    assert {e["code"] for e in errors} >= {"BUSY", "RUNTIME_CRASHED", "PATH_NOT_ALLOWED"}
+    before = await read("rkllm://metrics")
+    h = await init(client, model_file, max_new_tokens=6)
+    await call(client, "rkllm_run", {"handle": h, "rkllm_input": {"prompt_input": "m e"}})
+    await fail(client, "rkllm_run", {"handle": "nope", "rkllm_input": {"prompt_input": "x"}})
+    after = await read("rkllm://metrics")
+    run = after["tools"]["rkllm_run"]
+    assert run["calls"] - before["tools"].get("rkllm_run", {"calls": 0})["calls"] == 2
+    assert run["failures"] >= 1 and run["successes"] >= 1 and run["p95_ms"] >= run["mean_ms"] * 0 > -1
+    assert after["generation"]["tokens"] - before["generation"]["tokens"] == 6
+    assert after["memory"]["peak_rss_mb"] > 10
+    status = await read("rkllm://status")
+    assert h in status["handles"] and status["runtime"]["abi"] == "1.3.0"
+    models = await read("rkllm://models")
+    assert "demo.rkllm" in [m["file"] for m in models["models"]]
+    with pytest.raises(MCPError):
+        await client.read_resource("rkllm://nope")

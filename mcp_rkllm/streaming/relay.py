@@ -62,6 +62,8 @@ class Relay(Generic[T]):
         self._thread_done = threading.Event()
         self.tokens = 0
         self.notifications = 0
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
         self.client_gone = False
 
     # ----------------------------------------------------------------- any thread
@@ -69,6 +71,8 @@ class Relay(Generic[T]):
     def sink(self, event: RunEvent) -> None:
         """The runtime's EventSink: never blocks, never raises."""
         kind = type(event)
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         if kind is Token:
             self._pieces.append(event.text)  # type: ignore[union-attr]
             self._count += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -161,6 +162,9 @@ async def relay_run(ctx: ToolContext, entry: HandleEntry, inp: RKLLMInput, infer
                 raise ctx.state.crashed_error(entry, exc, function) from None
             raise
         entry.runs += 1
+    first = relay.first_token_at
+    ctx.state.metrics.run(result.token_count, time.monotonic() - relay.started,
+                          (first - relay.started) * 1000 if first is not None else None)
     if result.finish_reason == "error":
         raise RkllmError("GENERATION_ERROR", function=function, detail=f": {result.error}",
                          handle=entry.id, partial_text=result.text, token_count=result.token_count)

@@ -75,7 +75,11 @@ def _runtime_name(state: AppState) -> str | None:
 @TOOLS.tool("list_models", ListModelsParams, ListModelsResult, read_only=True, idempotent=True)
 async def list_models(ctx: ToolContext, p: ListModelsParams) -> ListModelsResult:
     """The model files the server can see (.rkllm for the NPU, .gguf for the CPU runtime), with sizes."""
-    state = ctx.state
+    return await models_snapshot(ctx.state)
+
+
+async def models_snapshot(state: AppState) -> ListModelsResult:
+    """What list_models returns (also the rkllm://models resource)."""
     models = await anyio.to_thread.run_sync(state.store.models)
     runtime = _runtime_name(state)
     return ListModelsResult(
@@ -409,18 +413,24 @@ class StatusResult(Result):
     pid: int
     rss_mb: float = Field(description="The server process's resident memory (workers not included).")
     peak_rss_mb: float
+    handles: list[str] = Field(default_factory=list, description="The loaded handles (see loaded_models).")
 
 
 @TOOLS.tool("server_status", StatusParams, StatusResult, read_only=True, idempotent=True)
 async def server_status(ctx: ToolContext, p: StatusParams) -> StatusResult:
     """What the server runs on: runtime (NPU library and ABI, or the CPU runtime), loaded models, roots."""
-    state = ctx.state
+    return status_snapshot(ctx.state)
+
+
+def status_snapshot(state: AppState) -> StatusResult:
+    """What server_status returns (also the rkllm://status resource)."""
+    default = state.default_handle if state.default_handle in state.handles else None
     return StatusResult(
         version=__version__, runtime=state.runtime.describe() if state.runtime else None,
         runtime_choice=state.settings.runtime, runtime_reason=state.runtime_reason,
         runtime_error=state.runtime_error.to_dict() if state.runtime_error else None,
-        loaded=len(state.handles), default_handle=state.default_handle if state.default_handle in state.handles
-        else None, default_model=state.settings.model, model_roots=[str(r) for r in state.store.roots],
-        uptime_s=round(time.time() - state.started, 1), pid=os.getpid(), rss_mb=process_memory_mb("VmRSS"),
+        loaded=len(state.handles), default_handle=default, default_model=state.settings.model,
+        model_roots=[str(r) for r in state.store.roots], uptime_s=round(time.time() - state.started, 1),
+        pid=os.getpid(), handles=list(state.handles), rss_mb=process_memory_mb("VmRSS"),
         peak_rss_mb=process_memory_mb())
 

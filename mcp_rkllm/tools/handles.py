@@ -24,6 +24,7 @@ import anyio
 
 from mcp_rkllm.config import Settings
 from mcp_rkllm.errors import RkllmError
+from mcp_rkllm.metrics import Metrics
 from mcp_rkllm.models.paths import PathPolicy, default_cache_dir
 from mcp_rkllm.models.store import ModelStore, bundled_model
 from mcp_rkllm.runtime.base import AsyncRun, LoadedModel, RunEvent, Runtime, Token, TokenBatch, Waiting
@@ -194,6 +195,7 @@ class AppState:
         self.crashed: dict[str, RkllmError] = {}
         """Handles whose worker died, and why (the newest CRASH_MEMORY of them)."""
         self.load_lock = anyio.Lock()
+        self.metrics = Metrics()
         self.started = time.time()
         self.request_is_response_stream = False
         """True on Streamable HTTP: a dropped tools/call request means the client is gone."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -131,7 +132,13 @@ class Registry:
         return spec.params.model_json_schema() if spec else None
 
     async def call(self, name: str, arguments: dict[str, Any] | None, ctx: ToolContext) -> CallToolResult:
-        """Validate, dispatch, and shape the result. Raises MCPError only for an unknown tool."""
+        """Validate, dispatch, shape the result, and count it. Raises MCPError only for an unknown tool."""
+        started = time.perf_counter()
+        result = await self._call(name, arguments, ctx)
+        ctx.state.metrics.call(name, not result.is_error, (time.perf_counter() - started) * 1000)
+        return result
+
+    async def _call(self, name: str, arguments: dict[str, Any] | None, ctx: ToolContext) -> CallToolResult:
         spec = self.specs.get(name)
         if spec is None:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}",
