@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Environment: " + ", ".join(f"{v} (--{k.replace('_', '-')})" for k, v in ENV_VARS.items()),
     )
     p.add_argument("--version", action="version", version=f"mcp-rkllm {__version__}")
-    p.add_argument("command", nargs="?", default="serve", choices=["serve"], help="serve (default)")
+    p.add_argument("command", nargs="?", default="serve", choices=["serve"],
+                   help="serve (default); also `mcp-rkllm try PROMPT` and `mcp-rkllm doctor`")
     p.add_argument("--transport", choices=["stdio", "http", "sse"],
                    help="default stdio; http = Streamable HTTP at /mcp; sse = legacy HTTP+SSE at /sse")
     p.add_argument("--host", help="HTTP/SSE bind address (default 127.0.0.1; loopback only)")
@@ -82,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["try"]:
         return try_main(args_list[1:])
+    if args_list[:1] == ["doctor"]:
+        return doctor_main(args_list[1:])
     args = parser().parse_args(args_list)
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     try:
@@ -95,6 +98,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(serve, settings)
     return 0
+
+
+def doctor_main(argv: Sequence[str]) -> int:
+    """`mcp-rkllm doctor [--json]`: what this machine offers the server, and what to do about it."""
+    from mcp_rkllm import doctor
+
+    p = argparse.ArgumentParser(prog="mcp-rkllm doctor", description=doctor.__doc__.splitlines()[0]
+                                if doctor.__doc__ else None)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /proc and /sys, for tests
+    _server_flags(p)
+    args = p.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("json", "root")}
+    try:
+        settings = Settings.load(flags)
+    except ValueError as exc:
+        print(f"mcp-rkllm: {exc}", file=sys.stderr)
+        return 2
+    checks = doctor.run(settings, args.root)
+    print(doctor.to_json(checks) if args.json else doctor.render(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
 
 
 def try_main(argv: Sequence[str]) -> int:

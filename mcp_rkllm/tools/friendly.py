@@ -395,6 +395,33 @@ async def embed(ctx: ToolContext, p: EmbedParams) -> EmbedResult:
 # --------------------------------------------------------------------------- status
 
 
+class DoctorParams(Params):
+    pass
+
+
+class DoctorCheck(BaseModel):
+    name: str
+    status: Literal["ok", "warn", "fail", "info"]
+    value: str
+    fix: str
+
+
+class DoctorResult(Result):
+    checks: list[DoctorCheck]
+    report: str = Field(description="The same as a human-readable table.")
+
+
+@TOOLS.tool("doctor", DoctorParams, DoctorResult, read_only=True, idempotent=True)
+async def doctor_tool(ctx: ToolContext, p: DoctorParams) -> DoctorResult:
+    """Check the board: runtime library and ABI, SoC, NPU driver/load/frequency, governors, memory, models."""
+    from mcp_rkllm import doctor
+
+    state = ctx.state
+    info = state.runtime.describe() if state.runtime is not None else None
+    checks = await anyio.to_thread.run_sync(lambda: doctor.run(state.settings, "/", info))
+    return DoctorResult(checks=[DoctorCheck(**vars(c)) for c in checks], report=doctor.render(checks))
+
+
 class StatusParams(Params):
     pass
 
