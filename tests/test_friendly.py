@@ -152,3 +152,16 @@ def test_try_prints_a_streamed_answer(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+
+
+def test_example_agent_streams_a_chat(tmp_path: Path) -> None:
+    """The README's Python agent example runs as written."""
+    require_cpu_runtime()
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), XDG_DATA_HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "agent.py")], capture_output=True, text=True,
+                          timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("tokens, history reused") == 2
+    assert "history reused: True" in proc.stdout  # the second turn continued in the KV cache

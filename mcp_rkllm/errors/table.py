@@ -81,6 +81,27 @@ _ROWS: tuple[ErrorSpec, ...] = (
 #: code -> row.
 ERRORS: dict[str, ErrorSpec] = {row.code: row for row in _ROWS}
 
+#: JSON Schema of an error result's structured content, `{"error": {...}}`.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "ToolError",
+    "properties": {"error": {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "enum": [row.code for row in _ROWS]},
+            "number": {"type": "integer"},
+            "message": {"type": "string"},
+            "hint": {"type": "string"},
+            "retryable": {"type": "boolean"},
+            "function": {"type": ["string", "null"]},
+            "rc": {"type": ["integer", "null"]},
+            "details": {"type": "object"},
+        },
+        "required": ["code", "number", "message", "hint", "retryable"],
+    }},
+    "required": ["error"],
+}
+
 
 class _Missing(dict[str, Any]):
     """Leaves unknown template fields visible instead of failing the formatting."""

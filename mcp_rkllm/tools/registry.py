@@ -21,6 +21,7 @@ from mcp.types import INVALID_PARAMS, CallToolResult, TextContent, Tool, ToolAnn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mcp_rkllm.errors import RkllmError, error_result
+from mcp_rkllm.errors.table import ERROR_SCHEMA
 from mcp_rkllm.streaming.relay import GoneCheck, Reporter
 from mcp_rkllm.tools.handles import AppState
 from mcp_rkllm.tools.limits import enforce
@@ -74,10 +75,8 @@ class ToolSpec:
 
     def tool(self) -> Tool:
         """The MCP Tool advertised in tools/list."""
-        return Tool(name=self.name, description=self.description,
-                    input_schema=self.params.model_json_schema(),
-                    output_schema=self.result.model_json_schema(mode="serialization"),
-                    annotations=self.annotations)
+        return Tool(name=self.name, description=self.description, input_schema=self.params.model_json_schema(),
+                    output_schema=output_schema(self.result), annotations=self.annotations)
 
 
 H = TypeVar("H", bound=Handler)
@@ -100,6 +99,15 @@ class ToolTable(list[ToolSpec]):
                                                               idempotent=idempotent)))
             return fn
         return wrap
+
+
+def output_schema(result: type[BaseModel]) -> dict[str, Any]:
+    """The result's schema, or the error envelope: clients such as the MCP Inspector check even an
+    is_error result's structured content against the output schema, so both shapes must fit."""
+    schema = result.model_json_schema(mode="serialization")
+    defs = schema.pop("$defs", {})
+    defs["ToolError"] = ERROR_SCHEMA
+    return {"type": "object", "anyOf": [schema, {"$ref": "#/$defs/ToolError"}], "$defs": defs}
 
 
 def _validation_detail(exc: ValidationError) -> tuple[str, list[dict[str, Any]]]:
