@@ -406,3 +406,18 @@ async def test_resources_are_listed_readable_and_metrics_move(client: Client, mo
     assert "demo.rkllm" in [m["file"] for m in models["models"]]
     with pytest.raises(MCPError):
         await client.read_resource("rkllm://nope")
+
+
+@pytest.mark.parametrize("abi", ["1.3.0"])
+async def test_no_empty_progress_messages(client: Client, model_file: Path) -> None:
+    """Tokens of an unfinished UTF-8 character never produce a notification of their own."""
+    h = await init(client, model_file, max_new_tokens=12)
+    seen: list[tuple[float, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, message))
+
+    await call(client, "rkllm_run", {"handle": h, "rkllm_input": {"prompt_input": "a b fake:delay_ms=15"}},
+               progress_callback=on_progress)
+    assert seen and all(message for _, message in seen)
+    assert [p for p, _ in seen] == sorted({p for p, _ in seen})

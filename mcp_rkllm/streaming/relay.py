@@ -99,9 +99,11 @@ class Relay(Generic[T]):
         end = len(self._pieces)
         if end == self._sent:
             return
-        self.tokens = self._count  # read after `end`: counts at least the pieces being sent
         text = "".join(self._pieces[self._sent:end])
         self._sent = end
+        if not text:  # only tokens of an unfinished character (a worker forwards them as ""): wait for it
+            return
+        self.tokens = self._count  # read after `end`: counts at least the pieces being sent
         self.notifications += 1
         await self._report(self.tokens, self._total, text)
 
