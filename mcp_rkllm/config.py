@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 Transport = Literal["stdio", "http", "sse"]
@@ -108,10 +108,6 @@ class Settings:
         settings = cls(**values)
         settings.validate()
         return settings
-
-    def with_(self, **changes: Any) -> Settings:
-        """A copy with some fields changed."""
-        return replace(self, **changes)
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work."""
