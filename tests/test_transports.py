@@ -47,11 +47,16 @@ async def exercise(client: Client, model_file: Path) -> None:
     assert not done.is_error
 
 
+def stdio_params(library: Path, record_dir: Path) -> StdioServerParameters:
+    """`python -m mcp_rkllm` on stdio with the fake runtime, recording into `record_dir`."""
+    return StdioServerParameters(command=sys.executable, args=["-m", "mcp_rkllm"],
+                                 env=server_env(library, record_dir), cwd=str(REPO))
+
+
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_stdio_subprocess(library: Path, model_file: Path, tmp_path: Path, mode: str) -> None:
     ev = tmp_path / "events"
-    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_rkllm"], env=server_env(library, ev),
-                                   cwd=str(REPO))
+    params = stdio_params(library, ev)
     with anyio.fail_after(60):
         async with Client(params, mode=mode) as client:
             await exercise(client, model_file)
@@ -61,8 +66,7 @@ async def test_stdio_subprocess(library: Path, model_file: Path, tmp_path: Path,
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_stdio_cancel_aborts_the_run(library: Path, model_file: Path, tmp_path: Path, mode: str) -> None:
     ev = tmp_path / "events"
-    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_rkllm"], env=server_env(library, ev),
-                                   cwd=str(REPO))
+    params = stdio_params(library, ev)
     with anyio.fail_after(60):
         async with Client(params, mode=mode) as client:
             init = await client.call_tool("rkllm_init", {"param": {"model_path": str(model_file),

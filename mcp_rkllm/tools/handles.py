@@ -9,6 +9,7 @@ asynchronous run can give it back from the runtime's thread when it ends.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -66,6 +67,7 @@ class AsyncRunState:
         self.run_id = run_id
         self.total = total
         self.pieces: list[str] = []
+        self._ends: list[int] = []  # character offset where each piece ends, for text_since
         self.text_length = 0
         self.tokens = 0
         self.run: AsyncRun | None = None
@@ -80,6 +82,7 @@ class AsyncRunState:
             with self._lock:
                 self.pieces.append(event.text)
                 self.text_length += len(event.text)
+                self._ends.append(self.text_length)
                 self.tokens += 1
         elif type(event) is Waiting:
             with self._lock:
@@ -87,7 +90,9 @@ class AsyncRunState:
         elif type(event) is TokenBatch:
             with self._lock:
                 self.pieces.extend(event.texts)
-                self.text_length += sum(map(len, event.texts))
+                for text in event.texts:
+                    self.text_length += len(text)
+                    self._ends.append(self.text_length)
                 self.tokens += len(event.token_ids)
         else:
             return
@@ -108,7 +113,9 @@ class AsyncRunState:
     def text_since(self, offset: int) -> str:
         """The generated text from character `offset` on."""
         with self._lock:
-            return "".join(self.pieces)[offset:]
+            first = bisect.bisect_right(self._ends, offset)  # the piece holding character `offset`
+            start = self._ends[first - 1] if first else 0
+            return "".join(self.pieces[first:])[offset - start:]
 
     async def changed(self, timeout: float) -> None:
         """Wait until new text arrives or the run ends, at most `timeout` seconds."""

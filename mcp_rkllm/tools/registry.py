@@ -129,6 +129,7 @@ class Registry:
                 raise ValueError(f"tool {spec.name} registered twice")
             self.specs[spec.name] = spec
         self._tools = [spec.tool() for spec in self.specs.values()]
+        self._by_name = {tool.name: tool for tool in self._tools}
 
     def tools(self) -> list[Tool]:
         """Every Tool, in registration order."""
@@ -136,8 +137,8 @@ class Registry:
 
     def input_schema(self, name: str) -> dict[str, Any] | None:
         """The input schema of `name`, or None."""
-        spec = self.specs.get(name)
-        return spec.params.model_json_schema() if spec else None
+        tool = self._by_name.get(name)  # the schema built once for tools/list, not rebuilt per request
+        return dict(tool.input_schema) if tool else None
 
     async def call(self, name: str, arguments: dict[str, Any] | None, ctx: ToolContext) -> CallToolResult:
         """Validate, dispatch, shape the result, and count it. Raises MCPError only for an unknown tool."""
