@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from mcp_rkllm.errors.table import markdown_table
-from mcp_rkllm.server import build_registry
+from mcp_rkllm.surfaces.registry import build_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -12,7 +12,7 @@ from mcp import Client
 
 from mcp_rkllm import doctor
 from mcp_rkllm.config import Settings
-from mcp_rkllm.server import build_server
+from mcp_rkllm.surfaces.mcp import build_server
 from tests.fake_rkllm.build import build_fake
 from tests.servers import REPO
 from tests.test_server import call

@@ -12,7 +12,7 @@ import pytest
 from mcp import Client
 
 from mcp_rkllm.config import Settings
-from mcp_rkllm.server import build_server
+from mcp_rkllm.surfaces.mcp import build_server
 from tests.conftest import FakeView
 from tests.cpu import require_cpu_runtime
 from tests.fake_rkllm.build import build_fake

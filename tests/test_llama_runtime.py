@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.runtime.base import Hidden, Logits, RunEvent, Token, Waiting, discard
+from mcp_rkllm.events import Hidden, Logits, RunEvent, Token, Waiting, discard
 from mcp_rkllm.runtime.llama import LlamaCppRuntime, LlamaModel
 from mcp_rkllm.structs import RKLLMInferParam, RKLLMInput, RKLLMLoraAdapter, RKLLMParam
 from tests.cpu import require_cpu_runtime

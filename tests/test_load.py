@@ -17,7 +17,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from mcp_rkllm.config import Settings
 from mcp_rkllm.runtime.base import process_memory_mb
-from mcp_rkllm.server import build_server
+from mcp_rkllm.surfaces.mcp import build_server
 from tests.conftest import FakeView
 from tests.fake_rkllm.build import build_fake
 from tests.servers import free_port, start_http_server, stop

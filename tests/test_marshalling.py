@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.runtime.base import discard
+from mcp_rkllm.events import discard
 from mcp_rkllm.runtime.native import NativeModel, NativeRuntime
 from mcp_rkllm.structs import (
     RKLLMCrossAttnParam,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.runtime.base import Finish, Hidden, Logits, RunError, RunEvent, Token, Waiting, discard
+from mcp_rkllm.events import Finish, Hidden, Logits, RunError, RunEvent, Token, Waiting, discard
 from mcp_rkllm.runtime.native import NativeModel, NativeRuntime
 from mcp_rkllm.structs import RKLLMInferParam, RKLLMInput, RKLLMParam
 from tests.conftest import FakeView
@@ -252,7 +252,7 @@ def test_crash_trigger_kills_the_process(fake_path: Path, model_file: Path) -> N
     code = (
         "import sys; from mcp_rkllm.runtime.native import NativeRuntime\n"
         "from mcp_rkllm.structs import *\n"
-        "from mcp_rkllm.runtime.base import discard\n"
+        "from mcp_rkllm.events import discard\n"
         f"m = NativeRuntime.open({str(fake_path)!r}).init(RKLLMParam(model_path={str(model_file)!r}))\n"
         "m.run(RKLLMInput(prompt_input='x fake:crash=2'), RKLLMInferParam(), discard)\n"
     )

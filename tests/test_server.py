@@ -14,7 +14,7 @@ from mcp import Client, MCPError
 
 from mcp_rkllm.config import Settings
 from mcp_rkllm.errors import ERRORS
-from mcp_rkllm.server import build_server
+from mcp_rkllm.surfaces.mcp import build_server
 from tests.conftest import FakeView
 
 pytestmark = pytest.mark.anyio

@@ -2,9 +2,10 @@
 
 Each row has a stable string code, a JSON-RPC-style number in the server range (-32000..-32099),
 a message template, whether retrying the same call can succeed, and a hint telling the caller
-what to do. A tool failure is `CallToolResult(is_error=True)` whose text is the message and whose
-`structured_content` is `{"error": {code, number, message, hint, retryable, function, rc, ...}}`.
-RKLLM itself documents only 0 / -1, so `rc` is always the raw return value of the C call.
+what to do. Every surface sends the same payload, `{"error": {code, number, message, hint,
+retryable, function, rc, details}}` (`RkllmError.to_dict()`); the MCP surface wraps it in an
+`is_error` tool result. RKLLM itself documents only 0 / -1, so `rc` is always the raw return value
+of the C call. No protocol SDK is imported here: worker processes use this table too.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
-
-from mcp.types import CallToolResult, TextContent
 
 
 @dataclass(frozen=True)
@@ -69,11 +68,16 @@ _ROWS: tuple[ErrorSpec, ...] = (
     ErrorSpec("RUNTIME_CRASHED", -32016, "The runtime process for handle {handle} died: {detail}", True,
               "Load the model again; the server's stderr has the runtime's last lines."),
     ErrorSpec("CANCELLED", -32017, "{function} was cancelled{detail}", True,
-              "Run it again if you still want the result."),
+              "The handle was freed (or the server stopped) while the call waited for it; load the model "
+              "again and retry if you still want the result."),
     ErrorSpec("RUN_NOT_FOUND", -32018, "Handle {handle} has no asynchronous run{detail}", False,
               "Start one with rkllm_run_async first."),
     ErrorSpec("RUNTIME_UNAVAILABLE", -32019, "No runtime is available: {detail}", False,
               "Install librkllmrt.so for the NPU runtime, or the CPU runtime extra."),
+    ErrorSpec("RUNTIME_TIMEOUT", -32021,
+              "The runtime process for handle {handle} has not answered for {timeout_s:g} s{detail}", True,
+              "The worker is stopped or stuck (a wedged driver, SIGSTOP). Other handles are unaffected; retry "
+              "later, or unload the model (unload_model / rkllm_destroy kills its worker) and load it again."),
     ErrorSpec("INTERNAL", -32099, "Internal error in {function}: {detail}", False,
               "This is a bug in mcp-rkllm; the server's stderr has the traceback. Please report it."),
 )
@@ -150,22 +154,14 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def error_result(exc: BaseException, function: str) -> CallToolResult:
-    """Turn any exception raised by a tool into its `is_error` result (the only place this happens).
-
-    Exceptions that are not `RkllmError` are bugs: they become `INTERNAL`, with the exception's
-    type and text but no traceback on the wire.
-    """
+def as_error(exc: BaseException, function: str) -> RkllmError:
+    """`exc` as a table error: an `RkllmError` keeps its code (and gets `function` if it had none);
+    anything else is a bug and becomes `INTERNAL`, with its type and text but no traceback."""
     if not isinstance(exc, RkllmError):
-        exc = RkllmError("INTERNAL", function=function, detail=f"{type(exc).__name__}: {exc}")
-    elif exc.function is None:
+        return RkllmError("INTERNAL", function=function, detail=f"{type(exc).__name__}: {exc}")
+    if exc.function is None:
         exc.function = function
-    payload = {"error": exc.to_dict()}
-    return CallToolResult(
-        content=[TextContent(type="text", text=f"{exc.code}: {exc.message}\nHint: {exc.spec.hint}")],
-        structured_content=payload,
-        is_error=True,
-    )
+    return exc
 
 
 def markdown_table() -> str:

@@ -1,182 +1,27 @@
-"""The Runtime protocol every backend implements, the events a run emits, and their collector.
+"""The Runtime protocol every backend implements, and the optional capabilities a model may have.
 
 A `Runtime` mirrors `rkllm_createDefaultParam` and `rkllm_init`; `init` returns a `LoadedModel`
 whose methods mirror the other thirteen C functions on that handle. Runs report through an
-`EventSink`, a plain callable that may be invoked from any thread (the runtime's own threads
-included) and must not block; `run` also returns the whole `RunResult`, built from the same
-events, so a caller never depends on having seen every event.
+`EventSink` (see `events`); `run` also returns the whole `RunResult`. Capabilities beyond the C
+API are explicit protocols (`HistoryPriming`, `Tokenizing`) checked with isinstance, never by
+probing attribute names. Nothing here knows about asyncio, cffi or any protocol.
 """
 
 from __future__ import annotations
 
-import threading
-from array import array
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from mcp_rkllm.events import AsyncRun, EventSink
 from mcp_rkllm.structs import (
-    FinishReason,
     RKLLMCrossAttnParam,
     RKLLMInferMode,
     RKLLMInferParam,
     RKLLMInput,
     RKLLMLoraAdapter,
     RKLLMParam,
-    RKLLMPerfStat,
-    RKLLMResultLastHiddenLayer,
-    RKLLMResultLogits,
     RunResult,
 )
-
-# --------------------------------------------------------------------------- events
-
-
-@dataclass(slots=True)
-class Token:
-    """A complete piece of text (RKLLM_RUN_NORMAL) and its token id."""
-
-    text: str
-    token_id: int
-
-
-@dataclass(slots=True)
-class Waiting:
-    """A token whose bytes are not yet a complete UTF-8 character (RKLLM_RUN_WAITING): no text."""
-
-    token_id: int
-
-
-@dataclass(slots=True)
-class Hidden:
-    """The last hidden layer, copied out of the runtime's buffer."""
-
-    data: array[float]
-    embd_size: int
-    num_tokens: int
-
-
-@dataclass(slots=True)
-class Logits:
-    """Logits, copied out of the runtime's buffer."""
-
-    data: array[float]
-    vocab_size: int
-    num_tokens: int
-
-
-@dataclass(slots=True)
-class Finish:
-    """RKLLM_RUN_FINISH, with perf stats where the runtime has them."""
-
-    perf: RKLLMPerfStat | None
-
-
-@dataclass(slots=True)
-class RunError:
-    """RKLLM_RUN_ERROR."""
-
-    message: str
-
-
-@dataclass(slots=True)
-class TokenBatch:
-    """Several tokens at once, in order (how a worker process forwards a burst): their texts
-    (RKLLM_RUN_WAITING tokens contribute "") and token ids."""
-
-    texts: list[str]
-    token_ids: list[int]
-
-
-RunEvent = Token | Waiting | TokenBatch | Hidden | Logits | Finish | RunError
-EventSink = Callable[[RunEvent], None]
-
-
-def discard(event: RunEvent) -> None:
-    """An EventSink that ignores everything."""
-
-
-class RunCollector:
-    """Builds the RunResult of one run from its events (thread-safe enough: one writer at a time)."""
-
-    def __init__(self, max_new_tokens: int | None = None):
-        self.max_new_tokens = max_new_tokens
-        self.pieces: list[str] = []
-        self.token_ids: list[int] = []
-        self.perf: RKLLMPerfStat | None = None
-        self.hidden: Hidden | None = None
-        self.logits: Logits | None = None
-        self.error: str | None = None
-        self.finished = threading.Event()
-
-    def add(self, event: RunEvent) -> None:
-        """Take one event."""
-        if type(event) is Token:  # the per-token case first, without isinstance's MRO walk
-            self.pieces.append(event.text)
-            self.token_ids.append(event.token_id)
-        elif isinstance(event, Waiting):
-            self.token_ids.append(event.token_id)
-        elif isinstance(event, TokenBatch):
-            self.pieces.extend(event.texts)
-            self.token_ids.extend(event.token_ids)
-        elif isinstance(event, Hidden):
-            self.hidden = event
-        elif isinstance(event, Logits):
-            self.logits = event
-        elif isinstance(event, Finish):
-            self.perf = event.perf
-            self.finished.set()
-        elif isinstance(event, RunError):
-            self.error = event.message
-            self.finished.set()
-
-    def result(self, aborted: bool = False) -> RunResult:
-        """The RunResult so far; finish_reason says why the run ended."""
-        count = len(self.token_ids)
-        reason: FinishReason
-        if self.error is not None:
-            reason = "error"
-        elif aborted:
-            reason = "abort"
-        elif self.max_new_tokens is not None and self.max_new_tokens > 0 and count >= self.max_new_tokens:
-            reason = "length"
-        else:
-            reason = "stop"
-        hidden = self.hidden
-        logits = self.logits
-        return RunResult(
-            text="".join(self.pieces),
-            token_ids=list(self.token_ids),
-            token_count=count,
-            finish_reason=reason,
-            perf=self.perf,
-            last_hidden_layer=None if hidden is None else RKLLMResultLastHiddenLayer(
-                hidden_states=hidden.data.tolist(), embd_size=hidden.embd_size, num_tokens=hidden.num_tokens),
-            logits=None if logits is None else RKLLMResultLogits(
-                logits=logits.data.tolist(), vocab_size=logits.vocab_size, num_tokens=logits.num_tokens),
-            error=self.error,
-        )
-
-
-# --------------------------------------------------------------------------- protocols
-
-
-class AsyncRun(Protocol):
-    """A run started by rkllm_run_async."""
-
-    def wait(self, timeout: float | None = None) -> RunResult | None:
-        """The result once the run has ended, or None if it is still going after `timeout` seconds."""
-        ...
-
-    @property
-    def done(self) -> bool:
-        """Whether the run has ended."""
-        ...
-
-    def add_done_callback(self, fn: Callable[[RunResult], None]) -> None:
-        """Call `fn(result)` once the run has ended (at once if it has; from any thread)."""
-        ...
 
 
 class LoadedModel(Protocol):
@@ -186,11 +31,10 @@ class LoadedModel(Protocol):
     n_batch: int
 
     def run(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> RunResult:
-        """rkllm_run: blocks until the run ends; events go to `sink` as they happen."""
+        """rkllm_run: blocks until the run ends; events go to `sink` (a RunCollector or any sink)."""
         ...
 
-    def run_async(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam,
-                  sink: EventSink) -> AsyncRun:
+    def run_async(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> AsyncRun:
         """rkllm_run_async: returns at once."""
         ...
 
@@ -240,11 +84,32 @@ class LoadedModel(Protocol):
         ...
 
 
+@runtime_checkable
+class HistoryPriming(Protocol):
+    """A model that can be told the exact conversation its next keep_history run continues
+    (the CPU runtime renders it with the chat template); others get the history flattened."""
+
+    def prime_history(self, messages: list[dict[str, str]]) -> None:
+        """Make `messages` the conversation the next keep_history run continues."""
+        ...
+
+
+@runtime_checkable
+class Tokenizing(Protocol):
+    """A model that can tokenize raw text without the chat template (for embeddings)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of raw `text`."""
+        ...
+
+
 class Runtime(Protocol):
-    """A backend: the NPU library, the CPU runtime, or a worker process hosting either."""
+    """A backend: the NPU library, the CPU runtime, or worker processes hosting either."""
 
     name: str
     abi: str
+    assigns_npu_domains: bool
+    """Whether concurrently loaded models need distinct extend_param.base_domain_id values (the NPU)."""
 
     def describe(self) -> dict[str, object]:
         """What the runtime is, for server_status and the start-up log line."""

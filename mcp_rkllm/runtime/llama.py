@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.runtime.base import (
+from mcp_rkllm.events import (
+    AsyncRun,
     EventSink,
     Finish,
     Hidden,
@@ -36,9 +37,9 @@ from mcp_rkllm.runtime.base import (
     RunEvent,
     Token,
     Waiting,
-    effective_max_new_tokens,
-    process_memory_mb,
+    collector_for,
 )
+from mcp_rkllm.runtime.base import effective_max_new_tokens, process_memory_mb
 from mcp_rkllm.structs import (
     RKLLMCrossAttnParam,
     RKLLMExtendParam,
@@ -89,6 +90,7 @@ class LlamaCppRuntime:
 
     name = "cpu"
     abi = "1.3.0"
+    assigns_npu_domains = False
 
     def __init__(self, n_threads: int | None = None):
         self.L = _llama()
@@ -140,30 +142,6 @@ class LlamaCppRuntime:
 class _Lora:
     pointer: Any
     scale: float
-
-
-class _AsyncRun:
-    """A run submitted to the model's thread; ends when the run returns."""
-
-    def __init__(self, future: concurrent.futures.Future[RunResult]):
-        self._future = future
-
-    def wait(self, timeout: float | None = None) -> RunResult | None:
-        try:
-            return self._future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            return None
-
-    @property
-    def done(self) -> bool:
-        return self._future.done()
-
-    def add_done_callback(self, fn: Callable[[RunResult], None]) -> None:
-        def call(fut: concurrent.futures.Future[RunResult]) -> None:
-            exc = fut.exception()
-            fn(fut.result() if exc is None else RunResult(finish_reason="error", error=str(exc)))
-
-        self._future.add_done_callback(call)
 
 
 class LlamaModel:
@@ -410,11 +388,8 @@ class LlamaModel:
     # ----------------------------------------------------------------- the run (model thread)
 
     def _run(self, inp: RKLLMInput, infer: RKLLMInferParam, sink: EventSink) -> RunResult:
-        collector = RunCollector(effective_max_new_tokens(self, infer))
-
-        def emit(event: RunEvent) -> None:
-            collector.add(event)
-            sink(event)
+        collector = collector_for(sink, effective_max_new_tokens(self, infer))
+        emit = collector.add
 
         # The abort byte is cleared after each run, not here: an abort that lands while this run is
         # still queued must stop it.
@@ -592,11 +567,18 @@ class LlamaModel:
             self._running = False  # first, so an abort() from now on is a no-op ...
             self._abort_flag[0] = b"\x00"  # ... and a late one cannot hit the next run
 
-    def run_async(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam,
-                  sink: EventSink) -> _AsyncRun:
+    def run_async(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> AsyncRun:
         """rkllm_run_async: queued on the model's thread, returns at once."""
+        run = AsyncRun(collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params)))
         self._running = True  # running from the caller's point of view as soon as it is queued
-        return _AsyncRun(self._submit(self._guarded_run, rkllm_input, rkllm_infer_params, sink))
+        future = self._submit(self._guarded_run, rkllm_input, rkllm_infer_params, run.collector)
+
+        def done(f: concurrent.futures.Future[RunResult]) -> None:
+            exc = f.exception()
+            run.finish(f.result() if exc is None else RunResult(finish_reason="error", error=str(exc)))
+
+        future.add_done_callback(done)
+        return run
 
     def abort(self) -> None:
         """Interrupt the current decode (even mid-prefill) and stop generating."""

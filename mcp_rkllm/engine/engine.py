@@ -1,0 +1,704 @@
+"""The Engine: the application behind every surface, with no transport in it.
+
+It owns the runtime (in this process or in supervised workers), the handle table and run slots,
+crash memory, the memory check and NPU domain ids, the model store and path policy, chat history
+and metrics. Each public coroutine is one operation: it takes the operation's params model
+(`engine.types`) and a `Stream` for what it streams, and returns the result model or raises an
+`RkllmError` from the table. Surfaces (MCP, JSON-RPC, HTTP APIs) are thin adapters onto these.
+
+Every call into a model runs on a worker thread; calls into a worker process are bounded by
+`worker_timeout` (see `isolation.supervisor`), so the event loop never waits on a runtime and a
+stuck handle stalls nobody else. Status, model lists and loaded-model lists read the engine's own
+records and never call into a runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from mcp_rkllm import __version__
+from mcp_rkllm.config import Settings
+from mcp_rkllm.engine.handles import AsyncRunReader, Handle
+from mcp_rkllm.engine.limits import enforce
+from mcp_rkllm.engine.metrics import Metrics
+from mcp_rkllm.engine.relay import NO_STREAM, Progress, Relay, Stream
+from mcp_rkllm.engine.types import (
+    AbortResult,
+    AsyncResultParams,
+    AsyncRunReport,
+    ChatParams,
+    ChatResult,
+    ChatTemplateParams,
+    ClearKvParams,
+    CrossAttnParams,
+    DefaultParamResult,
+    DestroyResult,
+    DoctorCheck,
+    DoctorParams,
+    DoctorResult,
+    EmbedParams,
+    EmbedResult,
+    FunctionToolsParams,
+    GenerateParams,
+    GenerateResult,
+    HandleParams,
+    InitParams,
+    InitResult,
+    KvSizeResult,
+    ListModelsParams,
+    ListModelsResult,
+    LoadedEntry,
+    LoadedParams,
+    LoadedResult,
+    LoadModelParams,
+    LoadModelResult,
+    LoraParams,
+    ModelEntry,
+    NoParams,
+    Ok,
+    Params,
+    PromptCacheParams,
+    RunAsyncResult,
+    RunningResult,
+    RunParams,
+    RunToolResult,
+    Sampling,
+    StatusParams,
+    StatusResult,
+    UnloadParams,
+    UnloadResult,
+)
+from mcp_rkllm.errors import RkllmError
+from mcp_rkllm.events import RunCollector
+from mcp_rkllm.isolation.supervisor import WorkerLimits, WorkerModel, WorkerRuntime
+from mcp_rkllm.models.paths import PathPolicy, default_cache_dir
+from mcp_rkllm.models.store import ModelInfo, ModelStore, bundled_model
+from mcp_rkllm.runtime import choose_runtime, open_in_process
+from mcp_rkllm.runtime.base import (
+    HistoryPriming,
+    LoadedModel,
+    Runtime,
+    Tokenizing,
+    effective_max_new_tokens,
+    process_memory_mb,
+    produces_text,
+)
+from mcp_rkllm.structs import (
+    RKLLMExtendParam,
+    RKLLMInferMode,
+    RKLLMInferParam,
+    RKLLMInput,
+    RKLLMParam,
+    RKLLMTokenInput,
+    RunResult,
+    overlay_param,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How many crashed handles keep answering RUNTIME_CRASHED (instead of UNKNOWN_HANDLE).
+CRASH_MEMORY = 256
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _flatten(messages: list[dict[str, str]]) -> str:
+    """Earlier turns as text before the new message, for runtimes that cannot be given a history."""
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages[:-1]]
+    return ("Conversation so far:\n" + "\n".join(lines) + "\n\n" if lines else "") + messages[-1]["content"]
+
+
+class Engine:
+    """The application: models, handles, runs. One per server process, shared by every connection."""
+
+    def __init__(self, settings: Settings, runtime: Runtime | None = None):
+        self.settings = settings
+        self.runtime: Runtime | None = runtime
+        self.runtime_error: RkllmError | None = None
+        self.runtime_reason = "injected" if runtime is not None else ""
+        self.handles: dict[str, Handle] = {}
+        self.default_handle: str | None = None
+        self.crashed: dict[str, RkllmError] = {}
+        """Handles whose worker died, and why (the newest CRASH_MEMORY of them)."""
+        self.store = ModelStore.from_dirs(list(settings.models))
+        bundled = bundled_model()
+        self.paths = PathPolicy(self.store.roots + ([bundled.parent] if bundled else []),
+                                Path(settings.cache_dir) if settings.cache_dir else default_cache_dir())
+        self.metrics = Metrics()
+        self.started = time.time()
+        self._users = 0
+        self._opened = runtime is not None
+        self._default_lock = anyio.Lock()
+        # Reservations taken before a slow load and given back after it, so concurrent loads
+        # cannot race past the limits: load count, NPU domain ids, memory.
+        self._loading = 0
+        self._reserved_domains: set[int] = set()
+        self._reserved_bytes = 0
+
+    # ================================================================= life cycle
+
+    def open(self) -> None:
+        """Open the runtime once (after the transport is up; never at import). Counts users."""
+        self._users += 1
+        if self._opened:
+            return
+        self._opened = True
+        s = self.settings
+        try:
+            kind, self.runtime_reason = choose_runtime(s.runtime, s.library)
+            if s.isolates(kind):
+                self.runtime = WorkerRuntime(kind, s.library, s.abi, WorkerLimits(s.worker_timeout, s.load_timeout))
+                self.runtime_reason += "; each model in its own process"
+            else:
+                self.runtime = open_in_process(kind, s.library, s.abi)
+        except RkllmError as exc:
+            self.runtime_error = exc
+            log.error("no runtime: %s (hint: %s)", exc.message, exc.spec.hint)
+            return
+        info = self.runtime.describe()
+        log.info("runtime %s (%s): %s", info["runtime"], self.runtime_reason,
+                 ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("runtime", "functions")))
+
+    async def close(self) -> None:
+        """Drop one user; the last one aborts and frees every handle."""
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
+        for handle in list(self.handles.values()):
+            handle.slot.close()
+            try:
+                await anyio.to_thread.run_sync(handle.model.destroy)
+            except Exception:
+                log.exception("destroying handle %s failed", handle.id)
+        self.handles.clear()
+        self.default_handle = None
+
+    def require_runtime(self, function: str) -> Runtime:
+        """The runtime, or the error that kept it from opening."""
+        if self.runtime is not None:
+            return self.runtime
+        if self.runtime_error is not None:
+            err = self.runtime_error
+            raise RkllmError(err.code, function=function, **err.fields)
+        raise RkllmError("RUNTIME_UNAVAILABLE", function=function, detail="the server has not started a runtime")
+
+    def enforce_limits(self, params: Params, function: str) -> None:
+        """LIMIT_EXCEEDED if any argument is over the settings' limits (every surface calls this)."""
+        enforce(params, self.settings, function)
+
+    # ================================================================= handles
+
+    def get(self, handle: str, function: str) -> Handle:
+        """The handle; UNKNOWN_HANDLE, or RUNTIME_CRASHED if its worker died."""
+        h = self.handles.get(handle)
+        if h is None:
+            crash = self.crashed.get(handle)
+            if crash is not None:
+                raise RkllmError(crash.code, function=function, **crash.fields)
+            raise RkllmError("UNKNOWN_HANDLE", function=function, handle=handle)
+        if isinstance(h.model, WorkerModel) and h.model.crash is not None:
+            raise self._crashed(h, h.model.crash, function)
+        return h
+
+    def _crashed(self, h: Handle, crash: RkllmError, function: str) -> RkllmError:
+        """Forget a handle whose worker died; the error this and every later call on it gets."""
+        error = RkllmError("RUNTIME_CRASHED", function=function, **{**crash.fields, "handle": h.id})
+        self.crashed[h.id] = error
+        while len(self.crashed) > CRASH_MEMORY:
+            self.crashed.pop(next(iter(self.crashed)))
+        self._forget(h)
+        return error
+
+    def _forget(self, h: Handle) -> None:
+        self.handles.pop(h.id, None)
+        h.slot.close()
+        if self.default_handle == h.id:
+            self.default_handle = None
+
+    async def _call(self, h: Handle, function: str, fn: Callable[..., T], *args: Any) -> T:
+        """One blocking model call on a worker thread (bounded inside for worker processes)."""
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        except RkllmError as exc:
+            if exc.code == "RUNTIME_CRASHED":
+                raise self._crashed(h, exc, function) from None
+            if exc.function is None:
+                exc.function = function
+            raise
+
+    async def _slot_call(self, h: Handle, function: str, fn: Callable[..., T], *args: Any) -> T:
+        """A call that changes the handle's state: under its run slot."""
+        s = self.settings
+        async with h.slot.hold(s.busy_timeout, function, s.max_queued_runs):
+            return await self._call(h, function, fn, *args)
+
+    async def _load(self, param: RKLLMParam, function: str, model_name: str | None = None) -> Handle:
+        """rkllm_init through the runtime, after the checks the hardware needs; registers the handle."""
+        runtime = self.require_runtime(function)
+        s = self.settings
+        if param.model_path:
+            param = param.model_copy(update={"model_path": self.paths.model_file(param.model_path, function)})
+        if len(self.handles) + self._loading >= s.max_loaded_models:
+            raise RkllmError("LIMIT_EXCEEDED", function=function, what="the number of loaded models",
+                             value=len(self.handles) + self._loading + 1, limit=s.max_loaded_models)
+        size = self._check_memory(param.model_path, function)
+        domain = None
+        ext = param.extend_param or RKLLMExtendParam()
+        if runtime.assigns_npu_domains and ext.base_domain_id is None:
+            # Concurrent NPU models each get their own memory domain unless the client chose one.
+            used = {h.param.extend_param.base_domain_id for h in self.handles.values() if h.param.extend_param}
+            used |= self._reserved_domains
+            domain = next(d for d in range(len(used) + 1) if d not in used)
+            param = param.model_copy(update={"extend_param": ext.model_copy(update={"base_domain_id": domain})})
+        self._loading += 1
+        self._reserved_bytes += size
+        if domain is not None:
+            self._reserved_domains.add(domain)
+        try:
+            # Shielded: a load that finished must be registered (or it would leak), even if its caller left.
+            with anyio.CancelScope(shield=True):
+                model = await anyio.to_thread.run_sync(runtime.init, param)
+        finally:
+            self._loading -= 1
+            self._reserved_bytes -= size
+            self._reserved_domains.discard(domain if domain is not None else -1)
+        return self._add(model, param, model_name)
+
+    def _check_memory(self, model_path: str | None, function: str) -> int:
+        """LIMIT_EXCEEDED when the model file is larger than the memory left for it; its size."""
+        try:
+            size = os.stat(model_path).st_size if model_path else 0
+        except OSError:
+            return 0  # the runtime reports a missing file itself
+        available = available_memory_bytes()
+        if available is not None and size > available - self._reserved_bytes:
+            left = max(available - self._reserved_bytes, 0)
+            raise RkllmError("LIMIT_EXCEEDED", function=function,
+                             what=f"the model file {os.path.basename(model_path or '')}",
+                             value=f"{size / 2**20:.0f} MB", limit=f"{left / 2**20:.0f} MB of available memory")
+        return size
+
+    def _add(self, model: LoadedModel, param: RKLLMParam, model_name: str | None = None) -> Handle:
+        handle = "h-" + secrets.token_hex(6)
+        if isinstance(model, WorkerModel):
+            model.set_label(handle)  # worker processes log and fail under their handle
+        h = Handle(handle, model, param, model_name=model_name)
+        self.handles[handle] = h
+        return h
+
+    async def _destroy(self, h: Handle, function: str) -> None:
+        """Abort the handle's run, wait for its slot (at most abort_timeout), and free it."""
+        if h.running:
+            await self._abort_model(h, function)
+        async with h.slot.hold(self.settings.abort_timeout, function):
+            self._forget(h)
+            await self._call(h, function, h.model.destroy)
+
+    async def _abort_model(self, h: Handle, function: str) -> None:
+        try:
+            await self._call(h, function, h.model.abort)
+        except RkllmError as exc:
+            if exc.code not in ("RUNTIME_TIMEOUT", "RUNTIME_CRASHED"):
+                raise
+
+    # ================================================================= runs
+
+    def _confine_cache(self, infer: RKLLMInferParam, function: str) -> RKLLMInferParam:
+        """A run that saves a prompt cache writes it inside the cache directory, never elsewhere."""
+        p = infer.prompt_cache_params
+        if p is None or not p.save_prompt_cache:
+            return infer
+        path = self.paths.cache_file(p.prompt_cache_path, function, write=True)
+        return infer.model_copy(update={"prompt_cache_params": p.model_copy(update={"prompt_cache_path": path})})
+
+    async def _relay(self, h: Handle, inp: RKLLMInput, infer: RKLLMInferParam, stream: Stream,
+                     function: str) -> RunResult:
+        """One run on a handle whose slot the caller holds, streamed; RKLLM_RUN_ERROR is GENERATION_ERROR."""
+        infer = self._confine_cache(infer, function)
+        model = h.model
+        total = effective_max_new_tokens(model, infer) if produces_text(infer) else None
+        collector = RunCollector(effective_max_new_tokens(model, infer))
+        relay = Relay(collector, stream, total)
+        h.running = True
+        try:
+            result = await relay.run(lambda: model.run(inp, infer, collector), lambda: self._abort_model(h, function),
+                                     self.settings.abort_timeout)
+        except RkllmError as exc:
+            if exc.code == "RUNTIME_CRASHED":
+                raise self._crashed(h, exc, function) from None
+            if exc.function is None:
+                exc.function = function
+            raise
+        finally:
+            h.running = False
+        h.runs += 1
+        first = relay.first_token_at
+        self.metrics.run(result.token_count, time.monotonic() - relay.started,
+                         (first - relay.started) * 1000 if first is not None else None)
+        if result.finish_reason == "error":
+            raise RkllmError("GENERATION_ERROR", function=function, detail=f": {result.error}",
+                             handle=h.id, partial_text=result.text, token_count=result.token_count)
+        return result
+
+    # ================================================================= the C functions
+
+    async def create_default_param(self, p: NoParams, stream: Stream = NO_STREAM) -> DefaultParamResult:
+        """rkllm_createDefaultParam."""
+        return DefaultParamResult(param=self.require_runtime("rkllm_createDefaultParam").create_default_param())
+
+    async def init(self, p: InitParams, stream: Stream = NO_STREAM) -> InitResult:
+        """rkllm_init: load a model from `param` (overlaid on the defaults) and return its handle."""
+        runtime = self.require_runtime("rkllm_init")
+        if not p.param.model_path:
+            raise RkllmError("INVALID_PARAMS", function="rkllm_init", detail="param.model_path is required")
+        h = await self._load(p.param, "rkllm_init")
+        return InitResult(handle=h.id, runtime=runtime.name, abi=runtime.abi, max_new_tokens=h.model.max_new_tokens)
+
+    async def destroy(self, p: HandleParams, stream: Stream = NO_STREAM) -> DestroyResult:
+        """rkllm_destroy: abort any run and free the handle."""
+        await self._destroy(self.get(p.handle, "rkllm_destroy"), "rkllm_destroy")
+        return DestroyResult(handle=p.handle)
+
+    async def run(self, p: RunParams, stream: Stream = NO_STREAM) -> RunToolResult:
+        """rkllm_run: the whole result, tokens streamed meanwhile."""
+        h = self.get(p.handle, "rkllm_run")
+        s = self.settings
+        async with h.slot.hold(s.busy_timeout, "rkllm_run", s.max_queued_runs):
+            h.conversation = []  # chat's record of the KV cache no longer holds
+            result = await self._relay(h, p.rkllm_input, p.rkllm_infer_params, stream, "rkllm_run")
+        return RunToolResult.model_construct(**dict(result), handle=p.handle)
+
+    async def run_async(self, p: RunParams, stream: Stream = NO_STREAM) -> RunAsyncResult:
+        """rkllm_run_async: start a run and return at once; the handle stays busy until it ends."""
+        h = self.get(p.handle, "rkllm_run_async")
+        s = self.settings
+        infer = self._confine_cache(p.rkllm_infer_params, "rkllm_run_async")
+        await h.slot.acquire(s.busy_timeout, "rkllm_run_async", s.max_queued_runs)
+        try:
+            h.conversation = []
+            collector = RunCollector(effective_max_new_tokens(h.model, infer))
+            h.running = True
+            run = await self._call(h, "rkllm_run_async", h.model.run_async, p.rkllm_input, infer, collector)
+        except BaseException:
+            h.running = False
+            h.slot.release()
+            raise
+        h.async_run = AsyncRunReader("r-" + secrets.token_hex(4), effective_max_new_tokens(h.model, infer), run)
+
+        def done(result: RunResult) -> None:  # on the runtime's thread
+            h.runs += 1
+            h.running = False
+            h.slot.release_threadsafe()
+
+        run.add_done_callback(done)
+        return RunAsyncResult(handle=p.handle, run_id=h.async_run.run_id)
+
+    async def run_async_result(self, p: AsyncResultParams, stream: Stream = NO_STREAM) -> AsyncRunReport:
+        """The latest rkllm_run_async run: text since `offset`, the result once done; with wait_seconds,
+        waits for the end and streams new text meanwhile."""
+        h = self.get(p.handle, "rkllm_run_async_result")
+        reader = h.async_run
+        if reader is None:
+            raise RkllmError("RUN_NOT_FOUND", function="rkllm_run_async_result", handle=p.handle)
+        sent = reader.text_length if p.wait_seconds > 0 else p.offset
+        with anyio.move_on_after(p.wait_seconds):
+            while reader.result is None and p.wait_seconds > 0:
+                await reader.changed(p.wait_seconds)
+                if reader.text_length > sent and stream.sink is not None:
+                    new = reader.text_since(sent)
+                    sent += len(new)
+                    await stream.sink(Progress(reader.tokens, reader.total, new))
+        result = reader.result
+        text = reader.text_since(p.offset)
+        return AsyncRunReport(handle=p.handle, run_id=reader.run_id, done=result is not None, text=text,
+                              offset=p.offset + len(text), token_count=reader.tokens, result=result)
+
+    async def abort(self, p: HandleParams, stream: Stream = NO_STREAM) -> AbortResult:
+        """rkllm_abort: stop the running inference (it ends with finish_reason "abort")."""
+        h = self.get(p.handle, "rkllm_abort")
+        was_running = await self._call(h, "rkllm_abort", h.model.is_running)
+        await self._call(h, "rkllm_abort", h.model.abort)
+        return AbortResult(handle=p.handle, was_running=was_running)
+
+    async def is_running(self, p: HandleParams, stream: Stream = NO_STREAM) -> RunningResult:
+        """rkllm_is_running."""
+        h = self.get(p.handle, "rkllm_is_running")
+        return RunningResult(handle=p.handle, running=await self._call(h, "rkllm_is_running", h.model.is_running))
+
+    async def clear_kv_cache(self, p: ClearKvParams, stream: Stream = NO_STREAM) -> Ok:
+        """rkllm_clear_kv_cache."""
+        h = self.get(p.handle, "rkllm_clear_kv_cache")
+        await self._slot_call(h, "rkllm_clear_kv_cache", h.model.clear_kv_cache, p.keep_system_prompt, p.start_pos,
+                              p.end_pos)
+        h.conversation = []
+        return Ok(handle=p.handle)
+
+    async def get_kv_cache_size(self, p: HandleParams, stream: Stream = NO_STREAM) -> KvSizeResult:
+        """rkllm_get_kv_cache_size."""
+        h = self.get(p.handle, "rkllm_get_kv_cache_size")
+        return KvSizeResult(handle=p.handle,
+                            cache_sizes=await self._call(h, "rkllm_get_kv_cache_size", h.model.get_kv_cache_size))
+
+    async def set_chat_template(self, p: ChatTemplateParams, stream: Stream = NO_STREAM) -> Ok:
+        """rkllm_set_chat_template."""
+        h = self.get(p.handle, "rkllm_set_chat_template")
+        await self._slot_call(h, "rkllm_set_chat_template", h.model.set_chat_template, p.system_prompt,
+                              p.prompt_prefix, p.prompt_postfix)
+        return Ok(handle=p.handle)
+
+    async def set_function_tools(self, p: FunctionToolsParams, stream: Stream = NO_STREAM) -> Ok:
+        """rkllm_set_function_tools; `tools` is a JSON array (given as text or as the array)."""
+        h = self.get(p.handle, "rkllm_set_function_tools")
+        tools = p.tools if isinstance(p.tools, str) else json.dumps(p.tools, ensure_ascii=False)
+        try:
+            parsed = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise RkllmError("INVALID_PARAMS", function="rkllm_set_function_tools",
+                             detail=f"tools is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, list):
+            raise RkllmError("INVALID_PARAMS", function="rkllm_set_function_tools", detail="tools must be a JSON array")
+        await self._slot_call(h, "rkllm_set_function_tools", h.model.set_function_tools, p.system_prompt, tools,
+                              p.tool_response_str)
+        return Ok(handle=p.handle)
+
+    async def set_cross_attn_params(self, p: CrossAttnParams, stream: Stream = NO_STREAM) -> Ok:
+        """rkllm_set_cross_attn_params."""
+        h = self.get(p.handle, "rkllm_set_cross_attn_params")
+        await self._slot_call(h, "rkllm_set_cross_attn_params", h.model.set_cross_attn_params, p.cross_attn_params)
+        return Ok(handle=p.handle)
+
+    async def load_lora(self, p: LoraParams, stream: Stream = NO_STREAM) -> Ok:
+        """rkllm_load_lora (the adapter must lie inside the model roots)."""
+        h = self.get(p.handle, "rkllm_load_lora")
+        path = self.paths.model_file(p.lora_adapter.lora_adapter_path, "rkllm_load_lora")
+        adapter = p.lora_adapter.model_copy(update={"lora_adapter_path": path})
+        await self._slot_call(h, "rkllm_load_lora", h.model.load_lora, adapter)
+        return Ok(handle=p.handle)
+
+    async def load_prompt_cache(self, p: PromptCacheParams, stream: Stream = NO_STREAM) -> Ok:
+        """rkllm_load_prompt_cache (from the cache directory or the model roots)."""
+        h = self.get(p.handle, "rkllm_load_prompt_cache")
+        path = self.paths.cache_file(p.prompt_cache_path, "rkllm_load_prompt_cache", write=False)
+        await self._slot_call(h, "rkllm_load_prompt_cache", h.model.load_prompt_cache, path)
+        h.conversation = []
+        return Ok(handle=p.handle)
+
+    async def release_prompt_cache(self, p: HandleParams, stream: Stream = NO_STREAM) -> Ok:
+        """rkllm_release_prompt_cache."""
+        h = self.get(p.handle, "rkllm_release_prompt_cache")
+        await self._slot_call(h, "rkllm_release_prompt_cache", h.model.release_prompt_cache)
+        return Ok(handle=p.handle)
+
+    # ================================================================= models by name
+
+    def _runtime_name(self) -> str | None:
+        return self.runtime.name if self.runtime is not None else None
+
+    async def list_models(self, p: ListModelsParams | None = None, stream: Stream = NO_STREAM) -> ListModelsResult:
+        """The model files the server can see, with sizes and whether this runtime loads them."""
+        models = await anyio.to_thread.run_sync(self.store.models)
+        runtime = self._runtime_name()
+        return ListModelsResult(
+            models=[ModelEntry(**m.to_dict(), loadable=m.runtime == runtime) for m in models],
+            roots=[str(r) for r in self.store.roots], runtime=runtime, problems=self.store.problems)
+
+    async def _load_info(self, info: ModelInfo, param: RKLLMParam | None, function: str) -> Handle:
+        runtime = self.require_runtime(function)
+        if info.runtime != runtime.name:
+            raise RkllmError("NOT_SUPPORTED", function=function, what=f"loading {info.path.name}",
+                             detail=f" by the {runtime.name} runtime (.rkllm files need the NPU runtime, "
+                                    f".gguf files the CPU runtime)")
+        if param is not None and param.model_path is not None:
+            raise RkllmError("INVALID_PARAMS", function=function, detail="param.model_path: give the model by name")
+        base = info.sidecar.param if info.sidecar else RKLLMParam()
+        merged = overlay_param(base, param or RKLLMParam()).model_copy(update={"model_path": str(info.path)})
+        h = await self._load(merged, function, model_name=info.name)
+        if info.sidecar is not None and info.sidecar.chat_template is not None:
+            t = info.sidecar.chat_template
+            await self._call(h, function, h.model.set_chat_template, t.system_prompt, t.prompt_prefix,
+                             t.prompt_postfix)
+        if self.default_handle not in self.handles:
+            self.default_handle = h.id
+        return h
+
+    async def load_model(self, p: LoadModelParams, stream: Stream = NO_STREAM) -> LoadModelResult:
+        """Load a model by name; a new handle each call, the first becomes the default."""
+        info = await anyio.to_thread.run_sync(self.store.resolve, p.model)
+        h = await self._load_info(info, p.param, "load_model")
+        runtime = self.require_runtime("load_model")
+        return LoadModelResult(handle=h.id, model=info.name, path=str(info.path), runtime=runtime.name,
+                               abi=runtime.abi, max_new_tokens=h.model.max_new_tokens,
+                               default=self.default_handle == h.id)
+
+    async def unload_model(self, p: UnloadParams, stream: Stream = NO_STREAM) -> UnloadResult:
+        """Free one handle, or every handle of a model name, aborting their runs."""
+        if p.handle is not None:
+            handles = [self.get(p.handle, "unload_model")]
+        else:
+            wanted = (p.model or "").lower()
+            handles = [h for h in self.handles.values() if h.model_name is not None
+                       and h.model_name.lower().startswith(wanted)]
+            if not handles:
+                raise RkllmError("MODEL_NOT_FOUND", function="unload_model", name=p.model,
+                                 detail=" among loaded models")
+        for h in handles:
+            await self._destroy(h, "unload_model")
+        return UnloadResult(unloaded=[h.id for h in handles])
+
+    async def loaded_models(self, p: LoadedParams | None = None, stream: Stream = NO_STREAM) -> LoadedResult:
+        """The loaded handles, from the engine's own records (never a call into a runtime)."""
+        runtime = self._runtime_name()
+        return LoadedResult(loaded=[
+            LoadedEntry(handle=h.id, model=h.model_name, path=h.param.model_path, runtime=runtime, running=h.running,
+                        runs=h.runs, loaded_at=h.loaded_at, default=h.id == self.default_handle,
+                        pid=h.model.pid if isinstance(h.model, WorkerModel) else None)
+            for h in self.handles.values()])
+
+    # ================================================================= friendly generation
+
+    async def _target(self, p: Sampling, function: str) -> Handle:
+        """The handle a friendly call runs on, loading the default model if nothing is loaded."""
+        if p.handle is not None:
+            return self.get(p.handle, function)
+        async with self._default_lock:
+            if p.model is not None:
+                info = await anyio.to_thread.run_sync(self.store.resolve, p.model)
+                for h in self.handles.values():
+                    if h.param.model_path == str(info.path):
+                        return h
+                return await self._load_info(info, None, function)
+            if self.default_handle in self.handles:
+                return self.handles[self.default_handle]
+            if self.handles:
+                return next(iter(self.handles.values()))
+            return await self._load_info(await anyio.to_thread.run_sync(self._default_model, function), None, function)
+
+    def _default_model(self, function: str) -> ModelInfo:
+        if self.settings.model:
+            return self.store.resolve(self.settings.model)
+        runtime = self.require_runtime(function)
+        candidates = [m for m in self.store.models() if m.runtime == runtime.name]
+        bundled = [m for m in candidates if m.bundled]
+        if bundled:
+            return bundled[0]
+        if len(candidates) == 1:
+            return candidates[0]
+        raise RkllmError("MODEL_NOT_FOUND", function=function, name="(default)",
+                         detail=f": no default model; pass `model` (one of: "
+                                f"{', '.join(m.path.name for m in candidates) or 'none found'}) or start the server "
+                                "with --model")
+
+    async def generate(self, p: GenerateParams, stream: Stream = NO_STREAM) -> GenerateResult:
+        """A reply to `prompt` (chat template applied), streamed."""
+        h = await self._target(p, "generate")
+        s = self.settings
+        async with h.slot.hold(s.busy_timeout, "generate", s.max_queued_runs):
+            h.conversation = []
+            result = await self._relay(h, RKLLMInput(prompt_input=p.prompt), p.infer(h.param, p.keep_history),
+                                       stream, "generate")
+        return GenerateResult(text=result.text, finish_reason=result.finish_reason, token_count=result.token_count,
+                              perf=result.perf, handle=h.id, model=h.model_name)
+
+    async def chat(self, p: ChatParams, stream: Stream = NO_STREAM) -> ChatResult:
+        """An OpenAI-style multi-turn chat, streamed. Turns the handle already holds are not read again.
+
+        Checking the handle's history, priming or clearing the KV cache and the run happen under one
+        hold of the handle's slot, so no other call can change the cache in between.
+        """
+        h = await self._target(p, "chat")
+        messages = [m.model_dump() for m in p.messages]
+        last = messages[-1]
+        role = "tool" if last["role"] == "tool" else "user"
+        s = self.settings
+        async with h.slot.hold(s.busy_timeout, "chat", s.max_queued_runs):
+            reused = bool(h.conversation) and h.conversation == messages[:-1]
+            h.conversation = []
+            if reused:
+                prompt = last["content"]
+            elif isinstance(h.model, HistoryPriming):  # the CPU runtime renders the exact conversation
+                await self._call(h, "chat", h.model.prime_history, messages[:-1])
+                prompt = last["content"]
+            else:
+                await self._call(h, "chat", h.model.clear_kv_cache, 0, None, None)
+                prompt = _flatten(messages)
+            result = await self._relay(h, RKLLMInput(prompt_input=prompt, role=role), p.infer(h.param, True), stream,
+                                       "chat")
+            reply = {"role": "assistant", "content": result.text}
+            h.conversation = [*messages, reply] if result.finish_reason != "abort" else []
+        return ChatResult(message=reply, text=result.text, finish_reason=result.finish_reason,
+                          token_count=result.token_count, perf=result.perf, handle=h.id, model=h.model_name,
+                          reused_history=reused)
+
+    async def embed(self, p: EmbedParams, stream: Stream = NO_STREAM) -> EmbedResult:
+        """An embedding of `text`: the last hidden layer pooled over the tokens (mean or last)."""
+        h = await self._target(Sampling(model=p.model, handle=p.handle), "embed")
+        s = self.settings
+        async with h.slot.hold(s.busy_timeout, "embed", s.max_queued_runs):
+            h.conversation = []
+            if isinstance(h.model, Tokenizing):  # raw text, without the chat template
+                ids = await self._call(h, "embed", h.model.tokenize, p.text)
+                inp = RKLLMInput(token_input=RKLLMTokenInput(input_ids=ids))
+            else:
+                inp = RKLLMInput(prompt_input=p.text)
+            result = await self._relay(h, inp, RKLLMInferParam(mode=RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER),
+                                       stream, "embed")
+        hidden = result.last_hidden_layer
+        if hidden is None or hidden.num_tokens == 0:
+            raise RkllmError("GENERATION_ERROR", function="embed", detail=": the runtime returned no hidden states")
+        dim, n = hidden.embd_size, hidden.num_tokens
+        rows = hidden.hidden_states
+        if p.pooling == "last":
+            vector = rows[(n - 1) * dim:n * dim]
+        else:
+            vector = [sum(rows[t * dim + j] for t in range(n)) / n for j in range(dim)]
+        if p.normalize:
+            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+            vector = [v / norm for v in vector]
+        return EmbedResult(embedding=vector, dim=dim, tokens=n, handle=h.id, model=h.model_name)
+
+    # ================================================================= status
+
+    async def doctor(self, p: DoctorParams | None = None, stream: Stream = NO_STREAM) -> DoctorResult:
+        """The board checks (runtime library and ABI, SoC, NPU, governors, memory, models)."""
+        from mcp_rkllm import doctor
+
+        info = self.runtime.describe() if self.runtime is not None else None
+        checks = await anyio.to_thread.run_sync(lambda: doctor.run(self.settings, "/", info))
+        return DoctorResult(checks=[DoctorCheck(**vars(c)) for c in checks], report=doctor.render(checks))
+
+    async def server_status(self, p: StatusParams | None = None, stream: Stream = NO_STREAM) -> StatusResult:
+        """What the server runs on; never calls into a runtime."""
+        return self.status()
+
+    def status(self) -> StatusResult:
+        """What server_status returns (also the rkllm://status resource)."""
+        default = self.default_handle if self.default_handle in self.handles else None
+        return StatusResult(
+            version=__version__, runtime=self.runtime.describe() if self.runtime else None,
+            runtime_choice=self.settings.runtime, runtime_reason=self.runtime_reason,
+            runtime_error=self.runtime_error.to_dict() if self.runtime_error else None,
+            loaded=len(self.handles), default_handle=default, default_model=self.settings.model,
+            model_roots=[str(r) for r in self.store.roots], uptime_s=round(time.time() - self.started, 1),
+            pid=os.getpid(), handles=list(self.handles), rss_mb=process_memory_mb("VmRSS"),
+            peak_rss_mb=process_memory_mb())

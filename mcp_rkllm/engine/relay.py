@@ -1,0 +1,212 @@
+"""Streaming: the one bridge from runtime threads into the event loop, and the relay of one run.
+
+`LoopSignal` wakes a coroutine from any thread with at most one wake-up pending, so the cost on
+the runtime's thread is an attribute check per token. The `Relay` runs a blocking `rkllm_run` on
+its own thread and sends what the run's collector gathers to any async `StreamSink` (MCP
+progress today, SSE chunks or JSON-RPC notifications tomorrow): everything that arrived since the
+last update goes out as one `Progress`, so a slow client never stalls the runtime, and updates go
+out at most every MIN_INTERVAL_SECONDS under load (tokens spaced wider, as from an NPU, go out
+one by one at once). Cancelling the awaiting task (a cancelled request, a timeout, a client that
+went away) aborts the run, waits for its thread to end, and re-raises. All state of a run lives
+in its Relay and its collector; nothing is global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+
+from mcp_rkllm.events import RunCollector
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How often a run checks that its client is still connected.
+DISCONNECT_POLL_SECONDS = 0.25
+
+#: Under load, updates go out at most this often (what arrives meanwhile is batched).
+MIN_INTERVAL_SECONDS = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One streamed update: tokens so far, the token limit when known, and the new text."""
+
+    progress: int
+    total: int | None
+    text: str
+
+
+#: Receives a run's updates, in order, on the event loop.
+StreamSink = Callable[[Progress], Awaitable[None]]
+
+#: Tells whether the client of a call has gone away (a dropped HTTP connection).
+GoneCheck = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Where a call's streamed output goes (None: nowhere) and how to tell its client has left."""
+
+    sink: StreamSink | None = None
+    gone: GoneCheck | None = None
+
+
+#: A call with nobody listening to its progress.
+NO_STREAM = Stream()
+
+
+class LoopSignal:
+    """Wakes a coroutine on this event loop from any thread; coalesced (one wake-up pending at most).
+
+    Create it on the loop. `set()` may be called from any thread; `wait()` and `rearm()` on the loop.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._scheduled = False
+
+    def set(self) -> None:
+        """Wake the waiter (any thread; never blocks, never raises)."""
+        if self._scheduled:
+            return
+        self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._event.set)
+
+    def wake_now(self) -> None:
+        """Wake the waiter from the loop's own thread, whether or not a wake-up is pending."""
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Until `set()` has been called since the last `rearm()`."""
+        await self._event.wait()
+
+    def clear(self) -> None:
+        """Forget the wake-up that ended `wait()` (call before reading the state)."""
+        self._event.clear()
+
+    def rearm(self) -> None:
+        """Let the next `set()` schedule a wake-up again (call just before draining the state)."""
+        self._scheduled = False
+
+
+class Relay:
+    """Carries one run from its collector to a stream. Create it on the event loop that pumps it."""
+
+    def __init__(self, collector: RunCollector, stream: Stream, total: int | None = None):
+        self.collector = collector
+        self._stream = stream
+        self._total = total or None
+        self._signal = LoopSignal()
+        self._sent = 0  # tokens already sent
+        self._ended = False
+        self._thread_done = threading.Event()
+        self.updates = 0
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.client_gone = False
+        collector.listeners.append(self._signal.set)
+
+    def _on_end(self) -> None:
+        self._ended = True
+        self._signal.wake_now()
+
+    async def _flush(self) -> None:
+        c = self.collector
+        end = len(c.token_ids)
+        if end == self._sent:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        text = "".join(c.pieces[self._sent:end])
+        self._sent = end
+        sink = self._stream.sink
+        if not text or sink is None:  # only tokens of an unfinished character: wait for the rest
+            return
+        self.updates += 1
+        await sink(Progress(end, self._total, text))
+
+    async def _watch_client(self, scope: anyio.CancelScope) -> None:
+        # Streamable HTTP keeps a request alive when its connection drops (clients may resume),
+        # so a vanished client would otherwise leave the NPU generating for nobody.
+        gone = self._stream.gone
+        assert gone is not None
+        while True:
+            await anyio.sleep(DISCONNECT_POLL_SECONDS)
+            if await gone():
+                log.info("client disconnected: aborting the run")
+                self.client_gone = True
+                scope.cancel()
+                return
+
+    async def _pump(self) -> None:
+        last_sent = 0.0
+        while True:
+            await self._signal.wait()
+            self._signal.clear()
+            wait = last_sent + MIN_INTERVAL_SECONDS - time.monotonic()
+            if wait > 0 and not self._ended:
+                await anyio.sleep(wait)  # tokens are streaming fast: let them batch up
+            self._signal.rearm()  # events from now on wake the pump again
+            ended = self._ended  # read before draining: events precede the end marker
+            sent = self.updates
+            await self._flush()
+            if self.updates != sent:
+                last_sent = time.monotonic()
+            if ended and self._sent == len(self.collector.token_ids):
+                return
+
+    async def run(self, blocking: Callable[[], T], abort: Callable[[], Awaitable[None]],
+                  abort_timeout: float = 30.0) -> T:
+        """Run `blocking` (which feeds the collector) on its own thread, relaying until it returns.
+
+        Returns what `blocking` returned (or raises what it raised) once every update has been
+        sent. On cancellation: `await abort()`, wait up to `abort_timeout` seconds for the thread
+        to finish, then re-raise the cancellation.
+        """
+        box: dict[str, object] = {}
+        loop = asyncio.get_running_loop()
+
+        def target() -> None:
+            try:
+                box["value"] = blocking()
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                self._thread_done.set()
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._on_end)
+
+        threading.Thread(target=target, name="rkllm-run", daemon=True).start()
+        try:
+            async with anyio.create_task_group() as tg:
+                if self._stream.gone is not None:
+                    tg.start_soon(self._watch_client, tg.cancel_scope)
+                await self._pump()
+                tg.cancel_scope.cancel()
+            if self.client_gone:
+                raise anyio.get_cancelled_exc_class()()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                try:
+                    await abort()
+                except Exception:
+                    log.exception("rkllm_abort failed while cancelling a run")
+                stopped = await anyio.to_thread.run_sync(self._thread_done.wait, abort_timeout)
+                if not stopped:
+                    log.error("the runtime did not stop within %.0f s of rkllm_abort", abort_timeout)
+            raise
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        return box["value"]  # type: ignore[return-value]

@@ -1,0 +1,358 @@
+"""The vocabulary of the engine's operations: a params model and a result model per operation.
+
+Every surface speaks these: the registry exports them as MCP tool schemas and JSON-RPC methods,
+and the engine's methods take and return them. Params are strict and reject unknown fields;
+field names follow the C API where an operation mirrors a C function.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mcp_rkllm.structs import (
+    RKLLMCrossAttnParam,
+    RKLLMInferMode,
+    RKLLMInferParam,
+    RKLLMInput,
+    RKLLMLoraAdapter,
+    RKLLMParam,
+    RKLLMPerfStat,
+    RKLLMSamplingParam,
+    RunResult,
+)
+
+
+class Params(BaseModel):
+    """Base of every operation's params: strict types, unknown arguments rejected."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+HandleId = Annotated[str, Field(description="The opaque id rkllm_init / load_model returned.", min_length=1,
+                                max_length=64)]
+
+
+class Result(BaseModel):
+    """Base of the result models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Ok(Result):
+    """A call that succeeded and returns nothing else."""
+
+    ok: Literal[True] = True
+    handle: str
+
+
+class HandleParams(Params):
+    handle: HandleId
+
+
+class NoParams(Params):
+    pass
+
+
+class DefaultParamResult(Result):
+    param: RKLLMParam
+
+
+class InitParams(Params):
+    param: RKLLMParam = Field(description="RKLLMParam fields to set; the rest keep the runtime's defaults. "
+                                          "model_path is required.")
+
+
+class InitResult(Result):
+    handle: str = Field(description="Pass this as `handle` to every other call.")
+    runtime: str
+    abi: str
+    max_new_tokens: int
+
+
+class DestroyResult(Result):
+    destroyed: Literal[True] = True
+    handle: str
+
+
+class RunParams(Params):
+    handle: HandleId
+    rkllm_input: RKLLMInput = Field(description='What to run, e.g. {"prompt_input": "Hello"}.')
+    rkllm_infer_params: RKLLMInferParam = Field(default_factory=lambda: RKLLMInferParam(),
+                                                description="Mode, LoRA, prompt cache, sampling, keep_history.")
+
+
+class RunToolResult(RunResult):
+    handle: str
+
+
+class RunAsyncResult(Result):
+    handle: str
+    run_id: str
+    started: Literal[True] = True
+    next: str = "call rkllm_run_async_result with this handle to read the tokens and the result"
+
+
+class AsyncResultParams(Params):
+    handle: HandleId
+    offset: int = Field(0, ge=0, description="Return text from this character on (the `offset` of the last reply).")
+    wait_seconds: float = Field(0.0, ge=0, le=600, description="Wait up to this long for the run to end, "
+                                "streaming new text as progress meanwhile. 0 = answer at once.")
+
+
+class AsyncRunReport(Result):
+    handle: str
+    run_id: str
+    done: bool
+    text: str = Field(description="Text generated after `offset` (so far).")
+    offset: int = Field(description="Pass this as `offset` next time to get only newer text.")
+    token_count: int
+    result: RunResult | None = Field(None, description="The whole result, once done.")
+
+
+class AbortResult(Result):
+    handle: str
+    was_running: bool
+
+
+class RunningResult(Result):
+    handle: str
+    running: bool
+
+
+class ClearKvParams(Params):
+    handle: HandleId
+    keep_system_prompt: int = Field(1, ge=0, le=1, description="1 = keep the system prompt's KV entries.")
+    start_pos: list[int] | None = Field(None, description="Per batch: clear from here (1.2.1+; with end_pos).")
+    end_pos: list[int] | None = Field(None, description="Per batch: clear up to here, exclusive.")
+
+
+class KvSizeResult(Result):
+    handle: str
+    cache_sizes: list[int] = Field(description="Positions held in the KV cache, one per batch.")
+
+
+class ChatTemplateParams(Params):
+    handle: HandleId
+    system_prompt: str = Field(description="e.g. '<|im_start|>system\\nYou are helpful.<|im_end|>\\n'")
+    prompt_prefix: str = Field(description="Text before each user prompt, e.g. '<|im_start|>user\\n'.")
+    prompt_postfix: str = Field(description="Text after it, e.g. '<|im_end|>\\n<|im_start|>assistant\\n'.")
+
+
+class FunctionToolsParams(Params):
+    handle: HandleId
+    system_prompt: str
+    tools: str | list[dict[str, Any]] = Field(
+        description='OpenAI-style tools: a JSON array of {"type": "function", "function": {...}}, '
+                    "as a string or as the array itself.")
+    tool_response_str: str = Field("tool_response", description="The tag the template wraps tool results in.")
+
+
+class CrossAttnParams(Params):
+    handle: HandleId
+    cross_attn_params: RKLLMCrossAttnParam
+
+
+class LoraParams(Params):
+    handle: HandleId
+    lora_adapter: RKLLMLoraAdapter
+
+
+class PromptCacheParams(Params):
+    handle: HandleId
+    prompt_cache_path: str = Field(min_length=1, description="A file saved by a run with prompt_cache_params.")
+
+
+class ListModelsParams(Params):
+    pass
+
+
+class ModelEntry(BaseModel):
+    name: str
+    file: str
+    path: str
+    kind: str
+    runtime: str
+    size_mb: float
+    size_bytes: int
+    bundled: bool
+    loadable: bool = Field(description="Whether the server's runtime can load this kind of file.")
+    defaults: dict[str, Any] | None = None
+
+
+class ListModelsResult(Result):
+    models: list[ModelEntry]
+    roots: list[str]
+    runtime: str | None
+    problems: list[str] = Field(default_factory=list)
+
+
+class LoadModelParams(Params):
+    model: str = Field(min_length=1, description="Name (full, without extension, or a unique prefix); see list_models.")
+    param: RKLLMParam | None = Field(None, description="RKLLMParam fields to set (over the model's sidecar defaults); "
+                                                      "model_path comes from the model name.")
+
+
+class LoadModelResult(Result):
+    handle: str
+    model: str
+    path: str
+    runtime: str
+    abi: str
+    max_new_tokens: int
+    default: bool = Field(description="Whether generate/chat without handle or model use this handle.")
+
+
+class UnloadParams(Params):
+    handle: HandleId | None = None
+    model: str | None = Field(None, description="Unload every handle of this model.")
+
+    @model_validator(mode="after")
+    def _one(self) -> UnloadParams:
+        if (self.handle is None) == (self.model is None):
+            raise ValueError("give exactly one of handle and model")
+        return self
+
+
+class UnloadResult(Result):
+    unloaded: list[str]
+
+
+class LoadedParams(Params):
+    pass
+
+
+class LoadedEntry(BaseModel):
+    handle: str
+    model: str | None
+    path: str | None
+    runtime: str | None
+    running: bool
+    runs: int
+    loaded_at: float
+    default: bool
+    pid: int | None = Field(None, description="The worker process hosting the model (process isolation).")
+
+
+class LoadedResult(Result):
+    loaded: list[LoadedEntry]
+
+
+class Sampling(Params):
+    """Flat generation options; unset ones keep the model's values."""
+
+    model: str | None = Field(None, description="Model name; default: the loaded default model.")
+    handle: HandleId | None = Field(None, description="A handle from load_model / rkllm_init.")
+    max_new_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy (deterministic).")
+    top_k: int | None = Field(None, ge=0, le=1_000_000)
+    top_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, ge=0, le=100)
+    frequency_penalty: float | None = Field(None, ge=-100, le=100)
+    presence_penalty: float | None = Field(None, ge=-100, le=100)
+    mirostat: Literal[0, 1, 2] | None = None
+    mirostat_tau: float | None = Field(None, ge=0, le=100)
+    mirostat_eta: float | None = Field(None, ge=0, le=100)
+
+    def infer(self, param: RKLLMParam, keep_history: bool,
+              mode: RKLLMInferMode = RKLLMInferMode.RKLLM_INFER_GENERATE) -> RKLLMInferParam:
+        """RKLLMInferParam for these options over the model's `param` (per-run sampling and limit need
+        RKLLM 1.3.0 on the NPU)."""
+        names = [f for f in RKLLMSamplingParam.model_fields if getattr(self, f) is not None]
+        sampling = None
+        if names:
+            p = param
+            base = {f: getattr(p, f) for f in RKLLMSamplingParam.model_fields if getattr(p, f, None) is not None}
+            sampling = RKLLMSamplingParam.model_validate({**base, **{f: getattr(self, f) for f in names}})
+        return RKLLMInferParam(mode=mode, keep_history=int(keep_history), sampling_params=sampling,
+                               max_new_tokens=self.max_new_tokens or 0)
+
+
+class GenerateParams(Sampling):
+    prompt: str = Field(min_length=1, description="The user prompt; the model's chat template is applied.")
+    keep_history: bool = Field(False, description="Continue the conversation held in the handle's KV cache.")
+
+
+class GenerateResult(Result):
+    text: str
+    finish_reason: Literal["stop", "length", "abort", "error"]
+    token_count: int
+    perf: RKLLMPerfStat | None = None
+    handle: str
+    model: str | None
+
+
+class ChatMessage(Params):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatParams(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, description="OpenAI-style conversation; the last message "
+                                                                  "is a user (or tool) message.")
+
+    @model_validator(mode="after")
+    def _last_is_user(self) -> ChatParams:
+        if self.messages[-1].role not in ("user", "tool"):
+            raise ValueError("the last message must have role user or tool")
+        return self
+
+
+class ChatResult(GenerateResult):
+    message: dict[str, str] = Field(description='{"role": "assistant", "content": ...}')
+    reused_history: bool = Field(description="True when earlier turns were already in the KV cache.")
+
+
+class EmbedParams(Params):
+    text: str = Field(min_length=1)
+    model: str | None = None
+    handle: HandleId | None = None
+    pooling: Literal["mean", "last"] = Field("mean", description="How token vectors become one.")
+    normalize: bool = Field(True, description="Scale the vector to unit length.")
+
+
+class EmbedResult(Result):
+    embedding: list[float]
+    dim: int
+    tokens: int
+    handle: str
+    model: str | None
+
+
+class DoctorParams(Params):
+    pass
+
+
+class DoctorCheck(BaseModel):
+    name: str
+    status: Literal["ok", "warn", "fail", "info"]
+    value: str
+    fix: str
+
+
+class DoctorResult(Result):
+    checks: list[DoctorCheck]
+    report: str = Field(description="The same as a human-readable table.")
+
+
+class StatusParams(Params):
+    pass
+
+
+class StatusResult(Result):
+    version: str
+    runtime: dict[str, Any] | None
+    runtime_choice: str
+    runtime_reason: str
+    runtime_error: dict[str, Any] | None = None
+    loaded: int
+    default_handle: str | None
+    default_model: str | None
+    model_roots: list[str]
+    uptime_s: float
+    pid: int
+    rss_mb: float = Field(description="The server process's resident memory (workers not included).")
+    peak_rss_mb: float
+    handles: list[str] = Field(default_factory=list, description="The loaded handles (see loaded_models).")
+

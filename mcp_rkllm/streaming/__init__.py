@@ -1,1 +1,0 @@
-"""Streaming: runtime events from native threads to MCP progress notifications (`relay`)."""

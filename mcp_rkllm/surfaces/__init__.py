@@ -1,0 +1,1 @@
+"""Surfaces: thin adapters from protocols (MCP, JSON-RPC, HTTP APIs) onto the engine, through the registry."""

@@ -1,0 +1,118 @@
+"""The HTTP app: Streamable HTTP (/mcp) or legacy SSE (/sse), /metrics, behind the bearer token,
+Host/Origin checks and the body-size limit. Later routes (JSON-RPC, OpenAI, Ollama) mount beside /mcp.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from mcp_rkllm.config import Settings, is_loopback
+from mcp_rkllm.surfaces.mcp.server import RkllmServer
+
+
+def transport_security(settings: Settings) -> Any:
+    """Host/Origin checks (DNS-rebinding protection): loopback names on loopback; on another
+    address, the --allowed-hosts list (without one, any Host: the bearer token is the guard)."""
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    if is_loopback(settings.host):
+        hosts = ["127.0.0.1", "localhost", "[::1]"]
+    elif settings.allowed_hosts:
+        hosts = list(settings.allowed_hosts)
+    else:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    allowed = [_with_port(h) for h in hosts]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=allowed,
+                                     allowed_origins=[f"http://{h}" for h in allowed] +
+                                     [f"https://{h}" for h in allowed])
+
+
+def _with_port(host: str) -> str:
+    """`host` as a Host-header pattern: any port unless one is given ("[::1]" -> "[::1]:*")."""
+    if host.startswith("["):
+        return host if "]:" in host else host + ":*"
+    return host if ":" in host else host + ":*"
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <token>` (else 401).
+
+    The comparison is constant-time and the token is never logged.
+    """
+
+    def __init__(self, app: Any, token: str):
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+        if not hmac.compare_digest(given, self._token):
+            body = b'{"error": "unauthorized: send Authorization: Bearer <token>"}'
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="mcp-rkllm"'),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def protect(app: Any, settings: Settings) -> Any:
+    """The app behind the bearer-token check when a token is set."""
+    return BearerAuth(app, settings.auth_token) if settings.auth_token else app
+
+
+def http_app(server: RkllmServer, settings: Settings) -> Any:
+    """The Streamable HTTP app (endpoint /mcp) with Host/Origin checks and the body-size limit."""
+    server.request_is_response_stream = True
+    return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
+                                      transport_security=transport_security(settings),
+                                      max_request_body_size=settings.max_request_bytes,
+                                      custom_starlette_routes=[metrics_route(server)])
+
+
+def metrics_route(server: RkllmServer) -> Any:
+    """GET /metrics: the metrics in Prometheus text format."""
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(server.engine.metrics.prometheus(), media_type="text/plain; version=0.0.4")
+
+    return Route("/metrics", endpoint=metrics, methods=["GET"])
+
+
+def sse_app(server: RkllmServer, settings: Settings) -> Any:
+    """The legacy HTTP+SSE app: GET /sse opens the stream, POST /messages/ carries requests."""
+    from mcp.server.sse import SseServerTransport
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Mount, Route
+
+    transport = SseServerTransport("/messages/", security_settings=transport_security(settings),
+                                   max_request_body_size=settings.max_request_bytes)
+
+    async def handle_sse(request: Request) -> Response:
+        async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+        return Response()
+
+    return Starlette(routes=[Route("/sse", endpoint=handle_sse, methods=["GET"]),
+                             Mount("/messages/", app=transport.handle_post_message), metrics_route(server)])
+
+
+async def serve_http(app: Any, settings: Settings) -> None:
+    """Serve an ASGI app with uvicorn on settings.host:settings.port."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=settings.host.strip("[]"), port=settings.port,
+                            log_level=settings.log_level.lower(), lifespan="on")
+    await uvicorn.Server(config).serve()

@@ -1,0 +1,45 @@
+"""Serving: `serve(settings)` runs the MCP server on stdio, Streamable HTTP or SSE until the client or a
+signal ends it; `configure_logging` sends logs to stderr (stdout is the stdio transport's wire)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from mcp.server import Server
+
+from mcp_rkllm import __version__
+from mcp_rkllm.config import Settings
+from mcp_rkllm.surfaces.http.app import http_app, protect, serve_http, sse_app
+from mcp_rkllm.surfaces.mcp.server import build_server
+
+log = logging.getLogger("mcp_rkllm")
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr only: stdout is the stdio transport's wire."""
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def serve_stdio(server: Server[Any]) -> None:
+    """Serve one client on stdin/stdout."""
+    from mcp.server.stdio import stdio_server
+
+    async with stdio_server() as (read, write):
+        await server.run(read, write, server.create_initialization_options())
+
+
+async def serve(settings: Settings) -> None:
+    """Build the server and serve it on the configured transport until the client or a signal ends it."""
+    server = build_server(settings)
+    where = "stdin/stdout" if settings.transport == "stdio" else (
+        f"http://{settings.host}:{settings.port}" + ("/mcp" if settings.transport == "http" else "/sse"))
+    log.info("mcp-rkllm %s serving %s on %s", __version__, settings.transport, where)
+    if settings.transport == "stdio":
+        await serve_stdio(server)
+    elif settings.transport == "http":
+        await serve_http(protect(http_app(server, settings), settings), settings)
+    else:
+        await serve_http(protect(sse_app(server, settings), settings), settings)
