@@ -308,12 +308,15 @@ class Engine:
         return h
 
     async def _destroy(self, h: Handle, function: str) -> None:
-        """Abort the handle's run, wait for its slot (at most abort_timeout), and free it."""
+        """Free the handle: new calls get UNKNOWN_HANDLE, waiting ones CANCELLED; abort its run, give
+        it abort_timeout seconds to end, then rkllm_destroy (a stuck worker is killed)."""
+        self._forget(h)
         if h.running:
             await self._abort_model(h, function)
-        async with h.slot.hold(self.settings.abort_timeout, function):
-            self._forget(h)
-            await self._call(h, function, h.model.destroy)
+        if not await h.slot.wait_free(self.settings.abort_timeout):
+            log.warning("handle %s: its run did not end within %.0f s of rkllm_abort; destroying it anyway",
+                        h.id, self.settings.abort_timeout)
+        await self._call(h, function, h.model.destroy)
 
     async def _abort_model(self, h: Handle, function: str) -> None:
         try:

@@ -34,6 +34,8 @@ class Slot:
         self.held = False
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._free = asyncio.Event()
+        self._free.set()
         self.closed = False
 
     @property
@@ -48,6 +50,7 @@ class Slot:
             raise RkllmError("CANCELLED", function=function, detail=f": handle {self.handle} was freed")
         if not self.held and not self.waiting:
             self.held = True
+            self._free.clear()
             return
         if max_waiting is not None and self.waiting >= max_waiting:
             raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"calls queued on handle {self.handle}",
@@ -80,6 +83,13 @@ class Slot:
                 turn.set_result(True)
                 return
         self.held = False
+        self._free.set()
+
+    async def wait_free(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for the holder to release the slot; whether it did."""
+        with anyio.move_on_after(timeout):
+            await self._free.wait()
+        return not self.held
 
     def release_threadsafe(self) -> None:
         """`release()` from any thread."""
@@ -88,7 +98,8 @@ class Slot:
             self._loop.call_soon_threadsafe(self.release)
 
     def close(self) -> None:
-        """Refuse every waiting and future call with CANCELLED (the handle is being freed)."""
+        """Refuse every waiting and future call with CANCELLED (the handle is being freed); the
+        current holder keeps the slot until it releases it."""
         self.closed = True
         while self._waiters:
             turn = self._waiters.popleft()

@@ -102,22 +102,19 @@ class Registry:
         UnknownOperation; cancellation propagates. Counts the call in the engine's metrics."""
         spec = self.spec(name)
         started = anyio.current_time()
-        ok = False
         try:
             params = self.validate(spec, arguments)
             engine.enforce_limits(params, name)
             result = await spec.call(engine, params, stream)
-            ok = True
-            return result
         except anyio.get_cancelled_exc_class():
-            raise
-        except RkllmError as exc:
-            raise as_error(exc, name) from None
+            raise  # a cancelled call has no outcome to count
         except Exception as exc:
-            log.exception("operation %s failed", name)
-            raise as_error(exc, name) from exc
-        finally:
-            engine.metrics.call(name, ok, (anyio.current_time() - started) * 1000)
+            if not isinstance(exc, RkllmError):
+                log.exception("operation %s failed", name)
+            engine.metrics.call(name, False, (anyio.current_time() - started) * 1000)
+            raise as_error(exc, name) from None
+        engine.metrics.call(name, True, (anyio.current_time() - started) * 1000)
+        return result
 
     def markdown_table(self) -> str:
         """The README's operation table, generated from the registry."""

@@ -34,6 +34,7 @@ from mcp.types import (
     ToolAnnotations,
 )
 from pydantic import BaseModel
+from starlette.requests import Request
 
 from mcp_rkllm import __version__
 from mcp_rkllm.config import Settings
@@ -146,7 +147,8 @@ def build_server(settings: Settings, runtime: Runtime | None = None, registry: R
 
         # On Streamable HTTP the request that carries tools/call also carries its response stream,
         # so its disconnection means the client left. (On SSE it is a POST answered at once.)
-        gone = getattr(ctx.request, "is_disconnected", None) if server.request_is_response_stream else None
+        request = ctx.request if server.request_is_response_stream else None
+        gone = request.is_disconnected if isinstance(request, Request) else None
         try:
             result = await registry.invoke(params.name, params.arguments, engine, Stream(progress, gone))
         except UnknownOperation as exc:
