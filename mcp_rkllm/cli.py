@@ -1,7 +1,8 @@
-"""Command line: `mcp-rkllm [serve]` runs the server; `mcp-rkllm try "PROMPT"` shows it working.
+"""Command line: `mcp-rkllm [serve]` runs the server; `try PROMPT` shows it working; `doctor` checks the board.
 
-Every server flag also comes from an environment variable (MCP_RKLLM_*, RKLLM_LIB_PATH, RKLLM_ABI);
-flags win.
+The server flags are generated from `mcp_rkllm.config.Settings`: every setting is a flag and an environment
+variable (MCP_RKLLM_*, RKLLM_LIB_PATH, RKLLM_ABI), and flags win. They may come before or after the command:
+`mcp-rkllm --models DIR try "Hi"` and `mcp-rkllm try "Hi" --models DIR` are the same.
 """
 
 from __future__ import annotations
@@ -11,88 +12,164 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import anyio
 
 from mcp_rkllm import __version__
-from mcp_rkllm.config import ENV_VARS, Settings
+from mcp_rkllm.config import GROUPS, Settings, SettingSpec, setting_specs
 
-SERVER_FLAGS = ("library", "abi", "runtime", "isolation", "models", "model", "busy_timeout", "abort_timeout",
-                "log_level")
+#: Destination prefix of the settings flags given after the command (merged with those given before it).
+_AFTER = "after_command_"
+
+#: Settings `try` has no flag for: its own --max-new-tokens (the run's, not the limit), and what only HTTP uses
+#: (`try` always serves on stdio).
+_NOT_IN_TRY = ("max_new_tokens", "transport", "host", "port", "auth_token", "allowed_hosts", "max_request_bytes")
 
 
-def _server_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--library", help="path of librkllmrt.so or its directory (default: search /usr/lib, "
-                                     "/usr/local/lib, ./lib, the linker path)")
-    p.add_argument("--abi", choices=["1.2.0", "1.2.1", "1.3.0"],
-                   help="RKLLM ABI generation (default: detect; 1.2.1 covers 1.2.1-1.2.3)")
-    p.add_argument("--runtime", choices=["auto", "native", "cpu"],
-                   help="auto (default): the NPU runtime if librkllmrt.so is found, else the CPU runtime")
-    p.add_argument("--isolation", choices=["auto", "process", "none"],
-                   help="process: each model in its own supervised worker process (auto: for the NPU runtime)")
-    p.add_argument("--models", action="append", metavar="DIR",
-                   help="a directory of .rkllm/.gguf models (repeatable; default ~/.local/share/mcp-rkllm/models)")
-    p.add_argument("--model", help="default model name for generate/chat (default: the bundled one on CPU)")
-    p.add_argument("--busy-timeout", type=float, help="seconds a run waits for a busy handle (default 10)")
-    p.add_argument("--abort-timeout", type=float, help="seconds to wait for a run to stop after abort (default 30)")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """Literal values are matched regardless of case (`--log-level debug`)."""
+
+    def convert(text: str) -> str:
+        return next((choice for choice in choices if choice.lower() == text.lower()), text)
+
+    return convert
+
+
+def _help(spec: SettingSpec) -> str:
+    env = spec.env + (f", {spec.separator}-separated" if spec.separator else "")
+    text = f"{spec.description} (default: {spec.default_text()}; env {env})"
+    if spec.repeatable:
+        text = "Repeatable. " + text
+    return text.replace("`", "").replace("%", "%%")
+
+
+def add_settings_flags(p: argparse.ArgumentParser, *, skip: Collection[str] = (), dest_prefix: str = "") -> None:
+    """Add a flag for every Settings field (but `skip`), in argument groups, each defaulting to None (= not given).
+
+    Flags are `--field-name`; a Literal gives the choices, a tuple makes the flag repeatable, the annotation
+    converts the value and the field's description is the help, with the default and the environment variable.
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in setting_specs():
+        if spec.name in skip:
+            continue
+        if spec.group not in groups:
+            title, about = GROUPS[spec.group]
+            groups[spec.group] = p.add_argument_group(f"{title.lower()} ({about})")
+        kwargs: dict[str, Any] = {"dest": dest_prefix + spec.name, "default": None, "help": _help(spec)}
+        if spec.choices:
+            kwargs.update(choices=spec.choices, type=_choice(spec.choices))
+        else:
+            kwargs.update(type=spec.value_type, metavar=spec.metavar or spec.name.upper())
+        if spec.repeatable:
+            kwargs["action"] = "append"
+        groups[spec.group].add_argument(spec.flag, **kwargs)
+
+
+def settings_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, before or after the command, as `Settings.load` takes them.
+
+    Not given = None. A repeatable flag collects its values from both sides; otherwise the later one wins.
+    """
+    flags: dict[str, Any] = {}
+    for spec in setting_specs():
+        before, after = getattr(args, spec.name, None), getattr(args, _AFTER + spec.name, None)
+        if spec.repeatable:
+            flags[spec.name] = [*(before or []), *(after or [])] or None
+        else:
+            flags[spec.name] = after if after is not None else before
+    return flags
+
+
+def settings_argv(flags: Mapping[str, Any]) -> list[str]:
+    """The command-line form of `flags` (field name -> value; None = not given), e.g. for a server subprocess."""
+    specs = {spec.name: spec for spec in setting_specs()}
+    argv: list[str] = []
+    for name, value in flags.items():
+        if value is None:
+            continue
+        for item in value if isinstance(value, list | tuple) else [value]:
+            argv += [specs[name].flag, str(item)]
+    return argv
 
 
 def parser() -> argparse.ArgumentParser:
-    """The `serve` argument parser (every flag also has an environment variable)."""
+    """The `mcp-rkllm` argument parser: settings flags, then an optional command (serve, try, doctor)."""
     p = argparse.ArgumentParser(
-        prog="mcp-rkllm",
-        description="MCP server for Rockchip RKLLM NPU language models (and GGUF models on the CPU). "
-                    "`mcp-rkllm try PROMPT` runs one generation through a real stdio session.",
-        epilog="Environment: " + ", ".join(f"{v} (--{k.replace('_', '-')})" for k, v in ENV_VARS.items()),
-    )
+        prog="mcp-rkllm", allow_abbrev=False,
+        description="MCP server for Rockchip RKLLM NPU language models (and GGUF models on the CPU). Without a "
+                    "command it serves (on stdio unless --transport says otherwise).",
+        epilog="Every flag is also an environment variable (named with it); flags win. Settings flags go before or "
+               "after the command. Put the auth token in the environment (MCP_RKLLM_AUTH_TOKEN): flags show in ps.")
     p.add_argument("--version", action="version", version=f"mcp-rkllm {__version__}")
-    p.add_argument("command", nargs="?", default="serve", choices=["serve"],
-                   help="serve (default); also `mcp-rkllm try PROMPT` and `mcp-rkllm doctor`")
-    p.add_argument("--transport", choices=["stdio", "http", "sse"],
-                   help="default stdio; http = Streamable HTTP at /mcp; sse = legacy HTTP+SSE at /sse")
-    p.add_argument("--host", help="HTTP/SSE bind address (default 127.0.0.1; loopback only)")
-    p.add_argument("--port", type=int, help="HTTP/SSE port (default 8000)")
-    p.add_argument("--auth-token", help="bearer token HTTP clients must send; required off loopback "
-                                        "(prefer the MCP_RKLLM_AUTH_TOKEN environment variable: flags show in ps)")
-    p.add_argument("--allowed-hosts", action="append", metavar="HOST",
-                   help="Host header accepted off loopback (repeatable; default any, the token guards)")
-    p.add_argument("--cache-dir", help="where prompt caches are written (default ~/.cache/mcp-rkllm)")
-    _server_flags(p)
-    return p
+    add_settings_flags(p)
+    commands = p.add_subparsers(dest="command", title="commands", metavar="{serve,try,doctor}")
 
+    serve = commands.add_parser("serve", allow_abbrev=False, help="run the MCP server (the default)",
+                                description="Run the MCP server.")
+    add_settings_flags(serve, dest_prefix=_AFTER)
 
-def try_parser() -> argparse.ArgumentParser:
-    """The `try` argument parser."""
-    p = argparse.ArgumentParser(
-        prog="mcp-rkllm try",
-        description="Start the server as a stdio subprocess, call `generate` through an MCP client, and print "
-                    "the tokens as they stream in, then the perf line.")
-    p.add_argument("prompt", help="what to ask the model")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy, the same answer every time")
-    p.add_argument("--verbose", action="store_true", help="show the server's log")
-    _server_flags(p)
+    try_ = commands.add_parser(
+        "try", allow_abbrev=False, help="ask a model one question through a real MCP stdio session",
+        description="Start the server as a stdio subprocess, call `generate` through an MCP client, and print the "
+                    "tokens as they stream in, then the perf line. Settings flags are passed on to the server.")
+    try_.add_argument("prompt", help="what to ask the model")
+    try_.add_argument("--max-new-tokens", dest="try_max_new_tokens", type=int, default=128, metavar="N",
+                      help="most tokens to generate (default 128)")
+    try_.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                      help="sampling temperature; default 0: greedy, the same answer every time")
+    try_.add_argument("--verbose", action="store_true", help="show the server's log (at DEBUG)")
+    add_settings_flags(try_, skip=_NOT_IN_TRY, dest_prefix=_AFTER)
+
+    doctor = commands.add_parser(
+        "doctor", allow_abbrev=False, help="check the board and say what to do about each problem",
+        description="What this machine offers the server (runtime library and ABI, SoC, NPU driver, load and "
+                    "clocks, governors, memory, models), and what to do about each problem.")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /proc and /sys, for tests
+    add_settings_flags(doctor, dest_prefix=_AFTER)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `mcp-rkllm` console script and `python -m mcp_rkllm`."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["try"]:
-        return try_main(args_list[1:])
-    if args_list[:1] == ["doctor"]:
-        return doctor_main(args_list[1:])
-    args = parser().parse_args(args_list)
-    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    """Entry point of the `mcp-rkllm` console script and `python -m mcp_rkllm`.
+
+    Exit codes: 0 done, 1 failed (doctor: a check failed), 2 bad command line or settings, 130 interrupted.
+    A reader that stops reading (`mcp-rkllm doctor --json | head -1`) ends it quietly.
+    """
+    code = 1
+    broken = False
+    try:
+        try:
+            code = _run(list(sys.argv[1:] if argv is None else argv))
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except* BrokenPipeError:
+        broken = True
+    if broken:
+        # Python would try to flush stdout again at exit and complain: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return code
+
+
+def _run(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    flags = settings_flags(args)
+    command = args.command or "serve"
+    if command == "try":
+        return try_main(args, flags)
     try:
         settings = Settings.load(flags)
     except ValueError as exc:
         print(f"mcp-rkllm: {exc}", file=sys.stderr)
         return 2
-    from mcp_rkllm.server import configure_logging, serve
+    if command == "doctor":
+        return doctor_main(settings, json=args.json, root=args.root)
+    from mcp_rkllm.surfaces.serve import configure_logging, serve
 
     configure_logging(settings.log_level)
     with contextlib.suppress(KeyboardInterrupt):
@@ -100,41 +177,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def doctor_main(argv: Sequence[str]) -> int:
+def doctor_main(settings: Settings, *, json: bool = False, root: str = "/") -> int:
     """`mcp-rkllm doctor [--json]`: what this machine offers the server, and what to do about it."""
     from mcp_rkllm import doctor
 
-    p = argparse.ArgumentParser(prog="mcp-rkllm doctor", description=doctor.__doc__.splitlines()[0]
-                                if doctor.__doc__ else None)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /proc and /sys, for tests
-    _server_flags(p)
-    args = p.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("json", "root")}
-    try:
-        settings = Settings.load(flags)
-    except ValueError as exc:
-        print(f"mcp-rkllm: {exc}", file=sys.stderr)
-        return 2
-    checks = doctor.run(settings, args.root)
-    print(doctor.to_json(checks) if args.json else doctor.render(checks))
+    checks = doctor.run(settings, root)
+    print(doctor.to_json(checks) if json else doctor.render(checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
 
 
-def try_main(argv: Sequence[str]) -> int:
-    """`mcp-rkllm try PROMPT`: one streamed generation through a real MCP stdio session."""
-    args = try_parser().parse_args(argv)
-    server_args = ["-m", "mcp_rkllm", "serve", "--log-level", "DEBUG" if args.verbose else "WARNING"]
-    for name in SERVER_FLAGS:
-        value = getattr(args, name)
-        if name == "log_level" or value is None:
-            continue
-        for v in value if isinstance(value, list) else [value]:
-            server_args += [f"--{name.replace('_', '-')}", str(v)]
+def try_main(args: argparse.Namespace, flags: Mapping[str, Any]) -> int:
+    """`mcp-rkllm try PROMPT`: one streamed generation through a real MCP stdio session.
+
+    The server is `python -m mcp_rkllm serve` on stdio with the settings flags given here (its log at WARNING,
+    or DEBUG with --verbose, unless --log-level says otherwise).
+    """
+    level = flags.get("log_level") or ("DEBUG" if args.verbose else "WARNING")
+    forwarded = {**flags, "transport": "stdio", "log_level": level, "auth_token": None}  # no token on a ps line
     try:
-        return anyio.run(_try, args, server_args)
+        Settings.load(forwarded)
+    except ValueError as exc:
+        print(f"mcp-rkllm: {exc}", file=sys.stderr)
+        return 2
+    server_args = ["-m", "mcp_rkllm", "serve", *settings_argv(forwarded)]
+    from mcp.shared.exceptions import MCPError
+
+    failure: BaseException | None = None
+    try:
+        try:
+            return anyio.run(_try, args, server_args)
+        except* MCPError as group:  # the server exited or stopped answering (its stderr is above)
+            failure = group
     except KeyboardInterrupt:
         return 130
+    while isinstance(failure, BaseExceptionGroup):
+        failure = failure.exceptions[0]
+    print(f"\nmcp-rkllm try: the server failed: {failure}" + ("" if args.verbose else " (--verbose shows its log)"),
+          file=sys.stderr)
+    return 1
 
 
 async def _try(args: argparse.Namespace, server_args: list[str]) -> int:
@@ -155,7 +235,7 @@ async def _try(args: argparse.Namespace, server_args: list[str]) -> int:
     async with Client(params) as client:
         status = await client.call_tool("server_status", {})
         runtime: dict[str, Any] = (status.structured_content or {}).get("runtime") or {}
-        result = await client.call_tool("generate", {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+        result = await client.call_tool("generate", {"prompt": args.prompt, "max_new_tokens": args.try_max_new_tokens,
                                                      "temperature": args.temperature},
                                         progress_callback=on_progress)
     data = result.structured_content or {}
