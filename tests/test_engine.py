@@ -5,6 +5,8 @@ Through the MCP surface on the fake runtime, in the server process and with a wo
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ def settings(fake_path: Path, tmp_path: Path, isolation: str, **kw: Any) -> Sett
 
 @pytest.fixture
 async def server(fake_path: Path, fake: FakeView, tmp_path: Path, isolation: str) -> AsyncIterator[RkllmServer]:
-    yield build_server(settings(fake_path, tmp_path, isolation, busy_timeout=20.0))
+    yield build_server(settings(fake_path, tmp_path, isolation, busy_timeout=20.0, worker_timeout=3.0))
 
 
 async def test_calls_waiting_for_a_freed_handle_are_cancelled(server: RkllmServer, model_file: Path) -> None:
@@ -107,5 +109,39 @@ async def test_concurrent_loads_respect_the_limit_and_get_distinct_domains(
         assert len(ok) == 3, results
         assert len(refused) == 4 and {e["code"] for e in refused} == {"LIMIT_EXCEEDED"}, refused
         domains = [server.engine.handles[h].param.extend_param.base_domain_id for h in ok]  # type: ignore[union-attr]
-        assert sorted(domains) == [0, 1, 2]
+        assert sorted(domains) == [0, 1, 2]  # type: ignore[type-var]  # None would be a failure too
         assert len((await call(c, "loaded_models", {}))["loaded"]) == 3
+
+
+async def test_an_async_run_that_ends_at_once_is_not_a_timeout(server: RkllmServer, model_file: Path) -> None:
+    # A worker may report the end of a run before the reply to its start: both must count.
+    async with Client(server) as c:
+        handle = await init(c, model_file)
+        for _ in range(3):
+            with anyio.fail_after(2.5):  # under worker_timeout: a lost reply would show as RUNTIME_TIMEOUT at 3 s
+                await call(c, "rkllm_run_async", {"handle": handle, "rkllm_input": {"prompt_input": "hi fake:error=0"}})
+                report = await call(c, "rkllm_run_async_result", {"handle": handle, "wait_seconds": 2})
+            assert report["done"] and report["result"]["finish_reason"] == "error"
+
+
+@pytest.mark.parametrize("isolation", ["process"])
+async def test_a_request_too_big_for_a_stopped_workers_socket_still_times_out(
+        fake_path: Path, fake: FakeView, tmp_path: Path, model_file: Path, isolation: str) -> None:
+    server = build_server(settings(fake_path, tmp_path, isolation, worker_timeout=1.0))
+    async with Client(server) as c:
+        handle = await init(c, model_file)
+        pid = (await call(c, "loaded_models", {}))["loaded"][0]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            big = "word " * 120_000  # 600 KB: more than a socket buffer holds while nobody reads
+            with anyio.fail_after(15):
+                error = await fail(c, "rkllm_run", {"handle": handle, "rkllm_input": {"prompt_input": big}})
+                assert error["code"] == "RUNTIME_TIMEOUT"
+                assert (await fail(c, "generate", {"handle": handle, "prompt": "x"}))["code"] == "RUNTIME_TIMEOUT"
+                await call(c, "unload_model", {"handle": handle})
+        finally:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break

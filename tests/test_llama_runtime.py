@@ -15,6 +15,8 @@ from mcp_rkllm.runtime.llama import LlamaCppRuntime, LlamaModel
 from mcp_rkllm.structs import RKLLMInferParam, RKLLMInput, RKLLMLoraAdapter, RKLLMParam
 from tests.cpu import require_cpu_runtime
 
+pytestmark = pytest.mark.cpu
+
 
 @pytest.fixture(scope="module")
 def gguf() -> Path:
@@ -99,7 +101,7 @@ def test_abort_ends_a_long_generation_early(model: LlamaModel) -> None:
 
     threading.Thread(target=abort_soon).start()
     r = model.run(ask("Write a very long story about a dragon."),
-                  RKLLMInferParam(max_new_tokens=2000, sampling_params={"temperature": 0.0, "repeat_penalty": 1.0}),
+                  RKLLMInferParam(max_new_tokens=2000, sampling_params={"temperature": 0.0, "repeat_penalty": 1.0}),  # type: ignore[arg-type]
                   sink)
     assert r.finish_reason == "abort" and 0 < r.token_count < 2000
     assert not model.is_running()
@@ -109,7 +111,7 @@ def test_abort_ends_a_long_generation_early(model: LlamaModel) -> None:
 
 def test_logits_mode_returns_vocab_sized_rows(model: LlamaModel) -> None:
     events: list[RunEvent] = []
-    r = model.run(RKLLMInput(token_input={"input_ids": [1, 4093, 198, 19556]}), RKLLMInferParam(mode=2), events.append)
+    r = model.run(RKLLMInput(token_input={"input_ids": [1, 4093, 198, 19556]}), RKLLMInferParam(mode=2), events.append)  # type: ignore[arg-type]
     assert r.logits is not None and r.logits.vocab_size == 49152 and r.logits.num_tokens == 4
     assert len(r.logits.logits) == 4 * 49152
     assert any(isinstance(e, Logits) for e in events) and r.text == ""
@@ -117,8 +119,8 @@ def test_logits_mode_returns_vocab_sized_rows(model: LlamaModel) -> None:
 
 def test_hidden_states_mode(model: LlamaModel) -> None:
     events: list[RunEvent] = []
-    r = model.run(RKLLMInput(token_input={"input_ids": [1, 4093, 198]}),
-                  RKLLMInferParam(mode="RKLLM_INFER_GET_LAST_HIDDEN_LAYER"), events.append)
+    r = model.run(RKLLMInput(token_input={"input_ids": [1, 4093, 198]}),  # type: ignore[arg-type]
+                  RKLLMInferParam(mode="RKLLM_INFER_GET_LAST_HIDDEN_LAYER"), events.append)  # type: ignore[arg-type]
     assert r.last_hidden_layer is not None
     assert (r.last_hidden_layer.num_tokens, r.last_hidden_layer.embd_size) == (3, 576)
     assert any(isinstance(e, Hidden) for e in events)
@@ -129,7 +131,7 @@ def test_prompt_cache_loads_into_a_fresh_handle(runtime: LlamaCppRuntime, gguf: 
                                                 tmp_path: Path) -> None:
     cache = tmp_path / "prefix.bin"
     question = ask("Tell me about Paris.")
-    saved = model.run(question, RKLLMInferParam(prompt_cache_params={"prompt_cache_path": str(cache)}), discard)
+    saved = model.run(question, RKLLMInferParam(prompt_cache_params={"prompt_cache_path": str(cache)}), discard)  # type: ignore[arg-type]
     assert cache.stat().st_size > 100_000
     fresh = load(runtime, gguf)
     cold = load(runtime, gguf)
@@ -137,7 +139,11 @@ def test_prompt_cache_loads_into_a_fresh_handle(runtime: LlamaCppRuntime, gguf: 
         fresh.load_prompt_cache(str(cache))
         warm = fresh.run(question, RKLLMInferParam(), discard)
         baseline = cold.run(question, RKLLMInferParam(), discard)
-        assert warm.text == baseline.text == saved.text
+        assert baseline.text == saved.text  # the same computation twice: the same greedy text
+        # The warm run re-decodes only the prefix's last position, alone, where the cold run decodes the
+        # prompt in one batch; llama.cpp's kernels for the two shapes round differently (seen with a
+        # portable build: the texts part after ~25 tokens), so greedy texts agree on their start only.
+        assert warm.token_ids[:8] == baseline.token_ids[:8], (warm.text, baseline.text)
         assert warm.perf is not None and baseline.perf is not None
         assert warm.perf.prefill_tokens < baseline.perf.prefill_tokens  # the cached prefix was not re-read
         fresh.release_prompt_cache()
@@ -152,19 +158,19 @@ def test_prompt_cache_loads_into_a_fresh_handle(runtime: LlamaCppRuntime, gguf: 
 
 
 def test_token_input_is_used_as_is(model: LlamaModel) -> None:
-    r = model.run(RKLLMInput(token_input={"input_ids": [1, 4093, 198, 19556, 2]}),
+    r = model.run(RKLLMInput(token_input={"input_ids": [1, 4093, 198, 19556, 2]}),  # type: ignore[arg-type]
                   RKLLMInferParam(max_new_tokens=4), discard)
     assert r.token_count == 4
     with pytest.raises(RkllmError) as exc:
-        model.run(RKLLMInput(token_input={"input_ids": [10**7]}), RKLLMInferParam(), discard)
+        model.run(RKLLMInput(token_input={"input_ids": [10**7]}), RKLLMInferParam(), discard)  # type: ignore[arg-type]
     assert exc.value.code == "INVALID_PARAMS"
 
 
 def test_embed_input(model: LlamaModel) -> None:
     with pytest.raises(RkllmError) as exc:
-        model.run(RKLLMInput(embed_input={"embed": [0.0] * 8, "n_tokens": 2}), RKLLMInferParam(), discard)
+        model.run(RKLLMInput(embed_input={"embed": [0.0] * 8, "n_tokens": 2}), RKLLMInferParam(), discard)  # type: ignore[arg-type]
     assert exc.value.code == "INVALID_PARAMS" and "576" in exc.value.message
-    r = model.run(RKLLMInput(embed_input={"embed": [0.01] * 576 * 2, "n_tokens": 2}),
+    r = model.run(RKLLMInput(embed_input={"embed": [0.01] * 576 * 2, "n_tokens": 2}),  # type: ignore[arg-type]
                   RKLLMInferParam(max_new_tokens=3), discard)
     assert r.token_count == 3
 
@@ -187,7 +193,7 @@ def test_chat_template_and_function_tools(model: LlamaModel) -> None:
 
 def test_not_supported(runtime: LlamaCppRuntime, model: LlamaModel, tmp_path: Path) -> None:
     with pytest.raises(RkllmError) as exc:
-        model.run(RKLLMInput(multimodal_input={"prompt": "<image>", "image_embed": [0.0] * 4, "n_image_tokens": 1}),
+        model.run(RKLLMInput(multimodal_input={"prompt": "<image>", "image_embed": [0.0] * 4, "n_image_tokens": 1}),  # type: ignore[arg-type]
                   RKLLMInferParam(), discard)
     assert exc.value.code == "NOT_SUPPORTED"
     with pytest.raises(RkllmError) as exc:
@@ -199,7 +205,7 @@ def test_not_supported(runtime: LlamaCppRuntime, model: LlamaModel, tmp_path: Pa
         runtime.init(RKLLMParam(model_path=str(npu_model)))
     assert exc.value.code == "NOT_SUPPORTED" and ".rkllm" in exc.value.message
     with pytest.raises(RkllmError) as exc:
-        runtime.init(RKLLMParam(model_path=str(npu_model), extend_param={"n_batch": 2}))
+        runtime.init(RKLLMParam(model_path=str(npu_model), extend_param={"n_batch": 2}))  # type: ignore[arg-type]
     assert exc.value.code == "NOT_SUPPORTED"
 
 
@@ -210,7 +216,7 @@ def test_lora_that_is_not_an_adapter_fails_cleanly(model: LlamaModel, tmp_path: 
         model.load_lora(RKLLMLoraAdapter(lora_adapter_path=str(bad), lora_adapter_name="x"))
     assert exc.value.code == "RKLLM_CALL_FAILED"
     with pytest.raises(RkllmError):
-        model.run(ask("Hi"), RKLLMInferParam(lora_params={"lora_adapter_name": "x"}), discard)
+        model.run(ask("Hi"), RKLLMInferParam(lora_params={"lora_adapter_name": "x"}), discard)  # type: ignore[arg-type]
     assert model.run(ask("Hi"), RKLLMInferParam(max_new_tokens=2), discard).token_count == 2
 
 

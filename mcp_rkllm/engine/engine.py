@@ -82,7 +82,7 @@ from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import RunCollector
 from mcp_rkllm.isolation.supervisor import WorkerLimits, WorkerModel, WorkerRuntime
 from mcp_rkllm.models.paths import PathPolicy, default_cache_dir
-from mcp_rkllm.models.store import ModelInfo, ModelStore, bundled_model
+from mcp_rkllm.models.store import ChatTemplate, ModelInfo, ModelStore, bundled_model
 from mcp_rkllm.runtime import choose_runtime, open_in_process
 from mcp_rkllm.runtime.base import (
     HistoryPriming,
@@ -150,6 +150,7 @@ class Engine:
         self._users = 0
         self._opened = runtime is not None
         self._default_lock = anyio.Lock()
+        self._open_lock = anyio.Lock()
         # Reservations taken before a slow load and given back after it, so concurrent loads
         # cannot race past the limits: load count, NPU domain ids, memory.
         self._loading = 0
@@ -158,12 +159,17 @@ class Engine:
 
     # ================================================================= life cycle
 
-    def open(self) -> None:
-        """Open the runtime once (after the transport is up; never at import). Counts users."""
+    async def open(self) -> None:
+        """Open the runtime once (after the transport is up; never at import), on a thread: opening
+        may start a probe worker or load a library. Counts users; concurrent first users wait for it."""
         self._users += 1
-        if self._opened:
-            return
-        self._opened = True
+        async with self._open_lock:
+            if self._opened:
+                return
+            self._opened = True
+            await anyio.to_thread.run_sync(self._open_runtime)
+
+    def _open_runtime(self) -> None:
         s = self.settings
         try:
             kind, self.runtime_reason = choose_runtime(s.runtime, s.library)
@@ -236,10 +242,15 @@ class Engine:
         if self.default_handle == h.id:
             self.default_handle = None
 
-    async def _call(self, h: Handle, function: str, fn: Callable[..., T], *args: Any) -> T:
-        """One blocking model call on a worker thread (bounded inside for worker processes)."""
+    async def _call(self, h: Handle, function: str, fn: Callable[..., T], *args: Any, abandon: bool = False) -> T:
+        """One blocking model call on one of the handle's threads (bounded inside for worker processes).
+
+        Under the run slot a cancelled caller still waits for the call to return (`abandon=False`), so
+        the slot is never handed on while the model is busy; calls made without the slot (abort,
+        is_running, get_kv_cache_size) are abandoned on cancellation.
+        """
         try:
-            return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon, limiter=h.limiter)
         except RkllmError as exc:
             if exc.code == "RUNTIME_CRASHED":
                 raise self._crashed(h, exc, function) from None
@@ -253,8 +264,10 @@ class Engine:
         async with h.slot.hold(s.busy_timeout, function, s.max_queued_runs):
             return await self._call(h, function, fn, *args)
 
-    async def _load(self, param: RKLLMParam, function: str, model_name: str | None = None) -> Handle:
-        """rkllm_init through the runtime, after the checks the hardware needs; registers the handle."""
+    async def _load(self, param: RKLLMParam, function: str, model_name: str | None = None,
+                    template: ChatTemplate | None = None) -> Handle:
+        """rkllm_init through the runtime (then the sidecar's chat template), after the checks the
+        hardware needs; registers the handle once it is ready."""
         runtime = self.require_runtime(function)
         s = self.settings
         if param.model_path:
@@ -276,14 +289,26 @@ class Engine:
         if domain is not None:
             self._reserved_domains.add(domain)
         try:
-            # Shielded: a load that finished must be registered (or it would leak), even if its caller left.
+            # Shielded: a load that finished must be configured and registered (or it would leak, or be
+            # found later without its template), even if its caller left meanwhile.
             with anyio.CancelScope(shield=True):
-                model = await anyio.to_thread.run_sync(runtime.init, param)
+                model = await anyio.to_thread.run_sync(self._init_model, runtime, param, template)
         finally:
             self._loading -= 1
             self._reserved_bytes -= size
             self._reserved_domains.discard(domain if domain is not None else -1)
         return self._add(model, param, model_name)
+
+    @staticmethod
+    def _init_model(runtime: Runtime, param: RKLLMParam, template: ChatTemplate | None) -> LoadedModel:
+        model = runtime.init(param)
+        if template is not None:
+            try:
+                model.set_chat_template(template.system_prompt, template.prompt_prefix, template.prompt_postfix)
+            except BaseException:
+                model.destroy()
+                raise
+        return model
 
     def _check_memory(self, model_path: str | None, function: str) -> int:
         """LIMIT_EXCEEDED when the model file is larger than the memory left for it; its size."""
@@ -320,7 +345,7 @@ class Engine:
 
     async def _abort_model(self, h: Handle, function: str) -> None:
         try:
-            await self._call(h, function, h.model.abort)
+            await self._call(h, function, h.model.abort, abandon=True)
         except RkllmError as exc:
             if exc.code not in ("RUNTIME_TIMEOUT", "RUNTIME_CRASHED"):
                 raise
@@ -343,6 +368,8 @@ class Engine:
         total = effective_max_new_tokens(model, infer) if produces_text(infer) else None
         collector = RunCollector(effective_max_new_tokens(model, infer))
         relay = Relay(collector, stream, total)
+        if h.slot.closed:  # freed while this call prepared its run (the check and the flag: no await between)
+            raise RkllmError("CANCELLED", function=function, detail=f": handle {h.id} was freed before the run began")
         h.running = True
         try:
             result = await relay.run(lambda: model.run(inp, infer, collector), lambda: self._abort_model(h, function),
@@ -440,14 +467,15 @@ class Engine:
     async def abort(self, p: HandleParams, stream: Stream = NO_STREAM) -> AbortResult:
         """rkllm_abort: stop the running inference (it ends with finish_reason "abort")."""
         h = self.get(p.handle, "rkllm_abort")
-        was_running = await self._call(h, "rkllm_abort", h.model.is_running)
-        await self._call(h, "rkllm_abort", h.model.abort)
+        was_running = await self._call(h, "rkllm_abort", h.model.is_running, abandon=True)
+        await self._call(h, "rkllm_abort", h.model.abort, abandon=True)
         return AbortResult(handle=p.handle, was_running=was_running)
 
     async def is_running(self, p: HandleParams, stream: Stream = NO_STREAM) -> RunningResult:
         """rkllm_is_running."""
         h = self.get(p.handle, "rkllm_is_running")
-        return RunningResult(handle=p.handle, running=await self._call(h, "rkllm_is_running", h.model.is_running))
+        running = await self._call(h, "rkllm_is_running", h.model.is_running, abandon=True)
+        return RunningResult(handle=p.handle, running=running)
 
     async def clear_kv_cache(self, p: ClearKvParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_clear_kv_cache."""
@@ -461,7 +489,8 @@ class Engine:
         """rkllm_get_kv_cache_size."""
         h = self.get(p.handle, "rkllm_get_kv_cache_size")
         return KvSizeResult(handle=p.handle,
-                            cache_sizes=await self._call(h, "rkllm_get_kv_cache_size", h.model.get_kv_cache_size))
+                            cache_sizes=await self._call(h, "rkllm_get_kv_cache_size", h.model.get_kv_cache_size,
+                                                         abandon=True))
 
     async def set_chat_template(self, p: ChatTemplateParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_set_chat_template."""
@@ -536,11 +565,7 @@ class Engine:
             raise RkllmError("INVALID_PARAMS", function=function, detail="param.model_path: give the model by name")
         base = info.sidecar.param if info.sidecar else RKLLMParam()
         merged = overlay_param(base, param or RKLLMParam()).model_copy(update={"model_path": str(info.path)})
-        h = await self._load(merged, function, model_name=info.name)
-        if info.sidecar is not None and info.sidecar.chat_template is not None:
-            t = info.sidecar.chat_template
-            await self._call(h, function, h.model.set_chat_template, t.system_prompt, t.prompt_prefix,
-                             t.prompt_postfix)
+        h = await self._load(merged, function, info.name, info.sidecar.chat_template if info.sidecar else None)
         if self.default_handle not in self.handles:
             self.default_handle = h.id
         return h

@@ -71,7 +71,9 @@ class Slot:
         if not turn.done():
             turn.cancel()
             raise RkllmError("BUSY", function=function, handle=self.handle, waited_s=round(timeout, 3))
-        if not turn.result():
+        if not turn.result() or self.closed:
+            if turn.result():
+                self.release()
             raise RkllmError("CANCELLED", function=function,
                              detail=f": handle {self.handle} was freed while the call waited for it")
 
@@ -175,6 +177,8 @@ class Handle:
     model_name: str | None = None
     kind: str = "rkllm"
     slot: Slot = field(init=False)
+    limiter: anyio.CapacityLimiter = field(init=False)
+    """Threads for this handle's model calls: a stuck worker uses up its own, nobody else's."""
     async_run: AsyncRunReader | None = None
     conversation: list[dict[str, str]] = field(default_factory=list)
     """The chat messages the KV cache holds (for chat's incremental turns)."""
@@ -185,3 +189,4 @@ class Handle:
 
     def __post_init__(self) -> None:
         self.slot = Slot(self.id)
+        self.limiter = anyio.CapacityLimiter(4)

@@ -190,14 +190,10 @@ class Relay:
 
         threading.Thread(target=target, name="rkllm-run", daemon=True).start()
         try:
-            async with anyio.create_task_group() as tg:
-                if self._stream.gone is not None:
-                    tg.start_soon(self._watch_client, tg.cancel_scope)
-                await self._pump()
-                tg.cancel_scope.cancel()
-            if self.client_gone:
-                raise anyio.get_cancelled_exc_class()()
-        except anyio.get_cancelled_exc_class():
+            await self._relay_until_end()
+        except BaseException:
+            # Cancelled (a cancelled request, a timeout, a client gone) or the sink failed (its
+            # stream is closed): nobody will read this run, so stop the runtime and wait for it.
             with anyio.CancelScope(shield=True):
                 try:
                     await abort()
@@ -210,3 +206,19 @@ class Relay:
         if "error" in box:
             raise box["error"]  # type: ignore[misc]
         return box["value"]  # type: ignore[return-value]
+
+    async def _relay_until_end(self) -> None:
+        """Pump until the run's thread has ended and every update is out; with a `gone` check, also
+        watch the client and end with a cancellation when it has left."""
+        if self._stream.gone is None:
+            await self._pump()
+            return
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_client, tg.cancel_scope)
+                await self._pump()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the pump's own failure, not wrapped
+            raise group.exceptions[0] from None
+        if self.client_gone:
+            raise anyio.get_cancelled_exc_class()()

@@ -121,15 +121,21 @@ class RkllmError(Exception):
     """
 
     def __init__(self, code: str, *, function: str | None = None, rc: int | None = None, **fields: Any):
-        spec = ERRORS[code]  # an unknown code is a programming error: fail loudly
+        self.spec = ERRORS[code]  # an unknown code is a programming error: fail loudly
         self.code = code
-        self.spec = spec
         self.function = function
         self.rc = rc
         fields.setdefault("detail", "")
         self.fields = fields
-        self.message = spec.template.format_map(_Missing(fields, function=function or "?", rc=rc))
-        super().__init__(self.message)
+        super().__init__(code)
+
+    @property
+    def message(self) -> str:
+        """The message template filled in (the function may be named after the error was raised)."""
+        return self.spec.template.format_map(_Missing(self.fields, function=self.function or "?", rc=self.rc))
+
+    def __str__(self) -> str:
+        return self.message
 
     def to_dict(self) -> dict[str, Any]:
         """The `{"error": ...}` payload's inner object."""

@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -91,7 +92,9 @@ class Worker:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         child.close()
         self.conn = Connection(parent.detach())
-        self._send_lock = threading.Lock()
+        # Requests go out through a writer thread: a stopped worker that does not read can block a
+        # send of a big request for ever, and no caller may wait on that.
+        self._outbox: queue.SimpleQueue[tuple[int, m.Request] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -102,6 +105,8 @@ class Worker:
         self._closing = False
         self._reader = threading.Thread(target=self._read, name=f"worker-{self.proc.pid}", daemon=True)
         self._reader.start()
+        self._writer = threading.Thread(target=self._write, name=f"worker-{self.proc.pid}-out", daemon=True)
+        self._writer.start()
         self._err_reader = threading.Thread(target=self._read_stderr, name=f"worker-{self.proc.pid}-err",
                                             daemon=True)
         self._err_reader.start()
@@ -119,6 +124,13 @@ class Worker:
             self.stderr.append(line)
             log.info("[%s pid %d] %s", self.label, self.proc.pid, line)
 
+    def _write(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            try:
+                self.conn.send(item)
+            except (OSError, ValueError):
+                return  # the worker is gone: the reader turns that into RUNTIME_CRASHED
+
     def _read(self) -> None:
         try:
             while True:
@@ -129,8 +141,10 @@ class Worker:
                 message = self.conn.recv()
                 self._last_seen = time.monotonic()
                 if self.unresponsive_since is not None:
-                    log.warning("worker for %s answers again", self.label)
+                    # Its calls were failed meanwhile: a run it was doing has nobody waiting for it.
+                    log.warning("worker for %s answers again; aborting what it was running", self.label)
                     self.unresponsive_since = None
+                    self._outbox.put((0, m.Abort()))
                 self._dispatch(message)
         except (EOFError, OSError):
             pass
@@ -150,6 +164,8 @@ class Worker:
         if kind is m.AsyncDone:
             with self._lock:
                 pending = self._pending.pop(message.call_id, None)  # type: ignore[union-attr]
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(None)  # a run that ended at once may end before its start's reply
             if pending is not None and pending.async_run is not None and pending.collector is not None:
                 pending.async_run.finish(_with_outcome(pending.collector, message.outcome))  # type: ignore[union-attr]
             return
@@ -213,6 +229,7 @@ class Worker:
         if not self._closing:
             log.error("worker for %s %s", self.label, self.crash.fields["detail"])
         self._fail_all(self.crash)
+        self._outbox.put(None)
         with contextlib.suppress(OSError):
             self.conn.close()
 
@@ -225,30 +242,28 @@ class Worker:
             raise self._timeout_error(function)
 
     def start(self, request: m.Request, function: str | None = None, collector: RunCollector | None = None,
-              async_run: AsyncRun | None = None) -> concurrent.futures.Future[Any]:
-        """Send a request; the future of its reply."""
+              async_run: AsyncRun | None = None) -> tuple[int, concurrent.futures.Future[Any]]:
+        """Send a request (never blocks); its call id and the future of its reply."""
         self._check_usable(function)
         call_id = next(self._ids)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             self._pending[call_id] = _Pending(future, collector, async_run)
-        try:
-            with self._send_lock:
-                self.conn.send((call_id, request))
-        except OSError:
-            with self._lock:
-                self._pending.pop(call_id, None)
-            self._reader.join(EXIT_GRACE)  # the reader turns the death into self.crash
-            raise RkllmError(self.crash.code, function=function, **self.crash.fields) if self.crash else RkllmError(
-                "RUNTIME_CRASHED", function=function, handle=self.label, detail="the worker's socket closed") from None
-        return future
+        self._outbox.put((call_id, request))
+        return call_id, future
+
+    def forget(self, call_id: int) -> None:
+        """Stop waiting for a call's reply (it timed out)."""
+        with self._lock:
+            self._pending.pop(call_id, None)
 
     def call(self, request: m.Request, function: str | None = None, timeout: float | None = None) -> Any:
         """Send a request and wait for its reply, at most `timeout` seconds (default: the call timeout)."""
-        future = self.start(request, function)
+        call_id, future = self.start(request, function)
         try:
             return future.result(self.limits.call_timeout if timeout is None else timeout)
         except concurrent.futures.TimeoutError:
+            self.forget(call_id)
             raise self._timeout_error(function) from None
         except RkllmError as exc:
             if exc.function is None:
@@ -265,8 +280,8 @@ class Worker:
                 self.proc.wait(EXIT_GRACE)
         if self.proc.poll() is None:
             self.proc.kill()  # SIGKILL ends a stopped process too
-        with contextlib.suppress(OSError):
-            self.conn.close()
+        self._outbox.put(None)
+        # The reader sees the end of the socket, fails what is pending, closes the socket and reaps.
         self._reader.join(EXIT_GRACE + 1)
         self.proc.wait()
 
@@ -294,18 +309,19 @@ class WorkerModel:
 
     def run(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> RunResult:
         collector = collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params))
-        future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params), "rkllm_run", collector)
+        _, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params), None, collector)  # the caller names it
         # No time bound of its own: a generation takes as long as it takes; a stopped worker fails it
         # through the missing heartbeat, a dead one through the closed socket.
         return _with_outcome(collector, future.result())
 
     def run_async(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> AsyncRun:
         run = AsyncRun(collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params)))
-        future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, asynchronous=True), "rkllm_run_async",
-                                   run.collector, run)
+        call_id, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, asynchronous=True),
+                                            "rkllm_run_async", run.collector, run)
         try:
             future.result(self.worker.limits.call_timeout)
         except concurrent.futures.TimeoutError:
+            self.worker.forget(call_id)
             raise self.worker._timeout_error("rkllm_run_async") from None
         return run
 

@@ -127,7 +127,7 @@ def build_server(settings: Settings, runtime: Runtime | None = None, registry: R
 
     @asynccontextmanager
     async def lifespan(_: Server[Engine]) -> AsyncIterator[Engine]:
-        engine.open()
+        await engine.open()
         try:
             yield engine
         finally:
