@@ -212,7 +212,7 @@ async def test_a_failing_stream_aborts_its_run(tmp_path: Path) -> None:
 
 
 async def test_a_load_whose_caller_left_is_registered_with_its_template(tmp_path: Path) -> None:
-    engine, runtime = await engine_with(tmp_path, {"init": 0.5})
+    engine, _ = await engine_with(tmp_path, {"init": 0.5})
     with anyio.move_on_after(0.1):  # the client gives up during the load
         await engine.load_model(T.LoadModelParams(model="demo"))
     (handle,) = engine.handles.values()  # the load finished, was configured and registered all the same
