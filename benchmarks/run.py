@@ -14,8 +14,14 @@ Rows (targets from the benchmarks issue):
      capacity ratio >= 0.5, p50 latency added <= 1 ms.
   6. abort latency (client cancel -> rkllm_abort in the runtime) p50 <= 20 ms; idle server RSS
      <= 80 MB; RSS growth after 10,000 calls <= 5 MB.
+  7. worker start-up (spawn to ready): what a worker process adds to loading a model, measured
+     through the public surface: the median time of `rkllm_init` over stdio with `--isolation
+     process` minus the same with `--isolation none` (fake runtime, several loads each, each
+     followed by `rkllm_destroy`). No target; compare runs before and after a change.
 
 The fake runtime (tests/fake_rkllm) stands in for the NPU; it is built with gcc on first use.
+The servers started here get limits that allow what the rows ask for (MAX_NEW_TOKENS below).
+`--quick` is also CI's smoke test (.ci/run): it must finish with exit status 0; targets are not asserted.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ from tests.fake_rkllm.build import build_fake  # noqa: E402
 
 ROWS: list[tuple[str, str, str, bool | None]] = []
 
+#: The servers' max_new_tokens limit (MCP_RKLLM_MAX_NEW_TOKENS): above the 300,000 tokens of row 1
+#: (the default limit, 65,536, would answer LIMIT_EXCEEDED).
+MAX_NEW_TOKENS = 1_000_000
+
 
 def row(name: str, value: str, target: str, ok: bool | None) -> None:
     ROWS.append((name, value, target, ok))
@@ -60,7 +70,8 @@ def pct(values: list[float], q: float) -> float:
 def server_params(library: Path, record_dir: Path, *extra: str) -> StdioServerParameters:
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "PYTHONPATH": str(REPO),
            "RKLLM_LIB_PATH": str(library), "FAKE_RKLLM_RECORD_DIR": str(record_dir),
-           "MCP_RKLLM_MODELS": str(record_dir.parent), "MCP_RKLLM_CACHE_DIR": str(record_dir.parent)}
+           "MCP_RKLLM_MODELS": str(record_dir.parent), "MCP_RKLLM_CACHE_DIR": str(record_dir.parent),
+           "MCP_RKLLM_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS)}
     return StdioServerParameters(command=sys.executable, args=["-m", "mcp_rkllm", "--log-level", "ERROR", *extra],
                                  env=env, cwd=str(REPO))
 
@@ -82,7 +93,7 @@ async def session(library: Path, record_dir: Path, *extra: str) -> AsyncIterator
 async def load(client: Client, model: Path, **param: Any) -> str:
     result = await client.call_tool("rkllm_init", {"param": {"model_path": str(model), **param}})
     assert not result.is_error, result.content
-    return str(result.structured_content["handle"])  # type: ignore[index]
+    return str(result.structured_content["handle"])
 
 
 # --------------------------------------------------------------------------- rows 1, 2, 5
@@ -242,7 +253,7 @@ def raw_llama_rate(gguf: Path, tokens: int) -> float:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         bias = (L.llama_logit_bias * 2)()
         for i, t in enumerate((0, 2)):
-            bias[i].token, bias[i].bias = t, float("-inf")
+            bias[i].token, bias[i].bias = t, float("-inf")  # type: ignore[assignment]  # ctypes takes the int
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, 2, bias))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(n_vocab, 64, 1.1, 0.0, 0.0))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
@@ -269,12 +280,13 @@ def raw_llama_rate(gguf: Path, tokens: int) -> float:
 
 async def served_llama_rate(gguf: Path, tokens: int) -> float:
     """tokens/s of `generate` over stdio on the CPU runtime: same model, prompt, greedy, EOS ignored."""
-    params = StdioServerParameters(command=sys.executable, cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)),
+    env = dict(os.environ, PYTHONPATH=str(REPO), MCP_RKLLM_MAX_NEW_TOKENS=str(MAX_NEW_TOKENS))
+    params = StdioServerParameters(command=sys.executable, cwd=str(REPO), env=env,
                                    args=["-m", "mcp_rkllm", "--runtime", "cpu", "--log-level", "ERROR"])
     async with connect(params) as client:
         loaded = await client.call_tool("load_model", {"model": gguf.name, "param": {
             "ignore_eos_token": True, "max_context_len": 2048, "temperature": 0.0}})
-        handle = loaded.structured_content["handle"]  # type: ignore[index]
+        handle = loaded.structured_content["handle"]
         args = {"prompt": PROMPT, "handle": handle, "max_new_tokens": tokens, "temperature": 0.0}
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -284,7 +296,7 @@ async def served_llama_rate(gguf: Path, tokens: int) -> float:
             started = time.perf_counter()
             result = await client.call_tool("generate", args, progress_callback=on_progress)
             elapsed = time.perf_counter() - started
-            assert result.structured_content["token_count"] == tokens, result.content  # type: ignore[index]
+            assert result.structured_content["token_count"] == tokens, result.content
             return tokens / elapsed
 
         await once()
@@ -323,7 +335,7 @@ async def abort_latency(library: Path, model: Path, records: Path, n: int) -> li
             out.append((json.loads((records / "abort.json").read_text())["t_ns"] - cancelled_at) / 1e6)
             while True:  # the run has stopped before the next one starts
                 r = await client.call_tool("rkllm_is_running", {"handle": handle})
-                if not r.structured_content["running"]:  # type: ignore[index]
+                if not r.structured_content["running"]:
                     break
     return out
 
@@ -331,18 +343,36 @@ async def abort_latency(library: Path, model: Path, records: Path, n: int) -> li
 async def memory(library: Path, model: Path, records: Path, calls: int) -> tuple[float, float, float]:
     """Idle RSS of a server with no model, and its RSS before and after `calls` tool calls."""
     async with session(library, records, "--isolation", "none") as client:
-        idle = (await client.call_tool("server_status", {})).structured_content["rss_mb"]  # type: ignore[index]
+        idle = (await client.call_tool("server_status", {})).structured_content["rss_mb"]
         handle = await load(client, model, max_new_tokens=4)
         for _ in range(200):
             await client.call_tool("rkllm_is_running", {"handle": handle})
-        before = (await client.call_tool("server_status", {})).structured_content["rss_mb"]  # type: ignore[index]
+        before = (await client.call_tool("server_status", {})).structured_content["rss_mb"]
         for i in range(calls):
             if i % 10 == 0:
                 await client.call_tool("rkllm_run", {"handle": handle, "rkllm_input": {"prompt_input": "m"}})
             else:
                 await client.call_tool("rkllm_is_running", {"handle": handle})
-        after = (await client.call_tool("server_status", {})).structured_content["rss_mb"]  # type: ignore[index]
+        after = (await client.call_tool("server_status", {})).structured_content["rss_mb"]
     return float(idle), float(before), float(after)
+
+
+# --------------------------------------------------------------------------- row 7
+
+
+async def init_times(library: Path, model: Path, records: Path, isolation: str, n: int) -> list[float]:
+    """ms of `rkllm_init` over stdio (each load destroyed before the next), after one warm-up load."""
+    times = []
+    async with session(library, records, "--isolation", isolation) as client:
+        for i in range(n + 1):
+            started = time.perf_counter()
+            handle = await load(client, model, max_new_tokens=4)
+            elapsed = (time.perf_counter() - started) * 1000
+            result = await client.call_tool("rkllm_destroy", {"handle": handle})
+            assert not result.is_error, result.content
+            if i:
+                times.append(elapsed)
+    return times
 
 
 # --------------------------------------------------------------------------- main
@@ -409,6 +439,12 @@ async def main(args: argparse.Namespace) -> int:
     calls = 2000 if args.quick else 10_000
     row(f"6 RSS growth over {calls:,} calls", f"{after - before:+.1f} MB ({before:.1f} -> {after:.1f})", "<= 5 MB",
         after - before <= 5)
+
+    loads = 5 if args.quick else 10
+    in_process = statistics.median(await init_times(library, model, records, "none", loads))
+    worker = statistics.median(await init_times(library, model, records, "process", loads))
+    row("7 worker start-up (spawn to ready)", f"{worker - in_process:,.0f} ms (rkllm_init {worker:,.0f} vs "
+        f"{in_process:,.0f} ms, median of {loads})", "", None)
     missed = [r for r in ROWS if r[3] is False]
     print(f"\n{len(ROWS)} rows, {len(missed)} missed", flush=True)
     return 0

@@ -54,7 +54,8 @@ def start_http_server(transport: str, library: Path, record_dir: Path, port: int
     """Start `python -m mcp_rkllm --transport ...` on 127.0.0.1:port and wait until it accepts connections."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mcp_rkllm", "--transport", transport, "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env(library, record_dir, **extra_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+        env=server_env(library, record_dir, None, **extra_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO,
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -126,7 +126,7 @@ def test_search_order_finds_lib_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_nothing_found_lists_the_places(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(binding, "DEFAULT_LOCATIONS", ("/nonexistent/usr/lib",))
-    monkeypatch.setattr(binding.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)  # what binding calls
     with pytest.raises(RkllmError) as exc:
         find_library(None)
     assert _code(exc) == "LIBRARY_NOT_FOUND"

@@ -30,7 +30,7 @@ def abi() -> str:
     return "1.3.0"
 
 
-@pytest.fixture(params=["none", "process"])
+@pytest.fixture(params=["none", pytest.param("process", marks=pytest.mark.slow)])  # a worker per model: slow
 def isolation(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

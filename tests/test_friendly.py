@@ -29,6 +29,7 @@ async def cpu(tmp_path: Path) -> AsyncIterator[Client]:
         yield c
 
 
+@pytest.mark.cpu
 async def test_generate_loads_the_bundled_model_and_streams(cpu: Client) -> None:
     status = await call(cpu, "server_status", {})
     assert status["runtime"]["runtime"] == "cpu" and status["loaded"] == 0
@@ -52,6 +53,7 @@ async def test_generate_loads_the_bundled_model_and_streams(cpu: Client) -> None
     assert [e["handle"] for e in loaded["loaded"]] == [r["handle"]] and loaded["loaded"][0]["default"]
 
 
+@pytest.mark.cpu
 async def test_chat_multi_turn_reuses_the_kv_cache(cpu: Client) -> None:
     messages: list[dict[str, str]] = [{"role": "system", "content": "You are terse."},
                                       {"role": "user", "content": "My name is Ada."}]
@@ -68,6 +70,7 @@ async def test_chat_multi_turn_reuses_the_kv_cache(cpu: Client) -> None:
     assert fresh["reused_history"] is False and fresh["text"] == second["text"]
 
 
+@pytest.mark.cpu
 async def test_embed(cpu: Client) -> None:
     a = await call(cpu, "embed", {"text": "The cat sat on the mat."})
     b = await call(cpu, "embed", {"text": "The cat sat on the mat."})
@@ -77,6 +80,7 @@ async def test_embed(cpu: Client) -> None:
     assert a["embedding"] == b["embedding"] and a["embedding"] != c["embedding"]
 
 
+@pytest.mark.cpu
 async def test_load_unload_and_errors(cpu: Client, tmp_path: Path) -> None:
     loaded = await call(cpu, "load_model", {"model": "smollm2", "param": {"max_context_len": 512}})
     assert loaded["default"] is True and loaded["runtime"] == "cpu"
@@ -138,6 +142,8 @@ async def test_per_run_sampling_needs_1_3_0_on_the_npu(tmp_path: Path) -> None:
         assert error["code"] == "ABI_FIELD_UNSUPPORTED" and "sampling_params" in error["message"]
 
 
+@pytest.mark.cpu
+@pytest.mark.slow
 def test_try_prints_a_streamed_answer(tmp_path: Path) -> None:
     require_cpu_runtime()
     import os
@@ -154,6 +160,8 @@ def test_try_prints_a_streamed_answer(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.cpu
+@pytest.mark.slow
 def test_example_agent_streams_a_chat(tmp_path: Path) -> None:
     """The README's Python agent example runs as written."""
     require_cpu_runtime()

@@ -21,6 +21,8 @@ from tests.fake_rkllm.build import build_fake
 from tests.servers import server_env
 from tests.test_wire import Wire
 
+pytestmark = pytest.mark.slow
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=40),

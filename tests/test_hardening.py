@@ -142,6 +142,7 @@ def secured(tmp_path: Path) -> Iterator[tuple[str, Path, Any]]:
         stop(proc)
 
 
+@pytest.mark.slow  # a server process over HTTP
 async def test_bearer_token_is_required_and_checked(secured: tuple[str, Path, Any]) -> None:
     base, root, proc = secured
     (root / "m.rkllm").write_bytes(b"model")
@@ -160,14 +161,15 @@ async def test_bearer_token_is_required_and_checked(secured: tuple[str, Path, An
         assert big.status_code == 413  # the request body limit
     async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as authed, \
             Client(streamable_http_client(f"{base}/mcp", http_client=authed), mode="legacy") as client:
-        r = await call(client, "rkllm_init", {"param": {"model_path": "m.rkllm", "max_new_tokens": 3}})
-        run = await call(client, "rkllm_run", {"handle": r["handle"], "rkllm_input": {"prompt_input": "ok"}})
+        loaded = await call(client, "rkllm_init", {"param": {"model_path": "m.rkllm", "max_new_tokens": 3}})
+        run = await call(client, "rkllm_run", {"handle": loaded["handle"], "rkllm_input": {"prompt_input": "ok"}})
         assert run["text"] == "ok ok ok"
     stop(proc)
     assert proc.stderr is not None
     assert TOKEN not in proc.stderr.read().decode()  # never logged
 
 
+@pytest.mark.slow  # a server process over SSE
 async def test_sse_with_token(tmp_path: Path) -> None:
     port = free_port()
     proc = start_http_server("sse", build_fake("1.3.0", "1.3.0"), tmp_path / "records", port,

@@ -107,6 +107,7 @@ async def test_crash_during_a_streaming_run(client: Client, model_file: Path) ->
     assert [e["handle"] for e in loaded["loaded"]] == [survivor] and loaded["loaded"][0]["pid"]
 
 
+@pytest.mark.slow
 async def test_50_crash_and_reload_cycles_leak_nothing(client: Client, model_file: Path) -> None:
     async def cycle() -> None:
         h = await init(client, model_file, max_new_tokens=4)
@@ -138,6 +139,7 @@ async def test_distinct_base_domain_ids_and_memory_check(client: Client, fake: F
     assert error["code"] == "LIMIT_EXCEEDED" and "huge.rkllm" in error["message"]
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_sigkilled_server(fake_path: Path, model_file: Path, tmp_path: Path) -> None:
     from tests.servers import REPO, server_env
 

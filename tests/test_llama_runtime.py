@@ -61,6 +61,7 @@ def test_max_new_tokens_per_run_and_length(model: LlamaModel) -> None:
     assert r.token_count == 5 and r.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_keep_history_makes_the_second_turn_see_the_first(runtime: LlamaCppRuntime, gguf: Path) -> None:
     with_history = load(runtime, gguf)
     without = load(runtime, gguf)
@@ -127,6 +128,7 @@ def test_hidden_states_mode(model: LlamaModel) -> None:
     assert any(abs(v) > 1e-3 for v in r.last_hidden_layer.hidden_states)
 
 
+@pytest.mark.slow
 def test_prompt_cache_loads_into_a_fresh_handle(runtime: LlamaCppRuntime, gguf: Path, model: LlamaModel,
                                                 tmp_path: Path) -> None:
     cache = tmp_path / "prefix.bin"
@@ -175,6 +177,7 @@ def test_embed_input(model: LlamaModel) -> None:
     assert r.token_count == 3
 
 
+@pytest.mark.slow
 def test_chat_template_and_function_tools(model: LlamaModel) -> None:
     plain = model.run(ask("Hi"), RKLLMInferParam(max_new_tokens=8), discard)
     model.set_chat_template("<|im_start|>system\nYou are a pirate.<|im_end|>\n", "<|im_start|>user\n",

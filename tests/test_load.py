@@ -23,7 +23,7 @@ from tests.fake_rkllm.build import build_fake
 from tests.servers import free_port, start_http_server, stop
 from tests.test_server import call, init
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.fixture

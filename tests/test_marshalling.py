@@ -7,6 +7,7 @@ compared as float32, the width of the C fields.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def runtime(fake_path: Path, abi: str) -> NativeRuntime:
 
 
 @pytest.fixture
-def model(runtime: NativeRuntime, model_file: Path) -> NativeModel:
+def model(runtime: NativeRuntime, model_file: Path) -> Iterator[NativeModel]:
     m = runtime.init(RKLLMParam(model_path=str(model_file)))
     yield m
     m.destroy()
@@ -172,7 +173,8 @@ def test_embed_input(model: NativeModel, fake: FakeView) -> None:
 
 
 def test_multimodal_input_nested_layout(model: NativeModel, fake: FakeView, abi: str) -> None:
-    image = {"image_embed": [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5], "n_image_tokens": 2, "n_image": 1,
+    image: dict[str, Any] = {"image_embed": [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5], "n_image_tokens": 2,
+                             "n_image": 1,
              "image_width": 448, "image_height": 336}
     mm = {"prompt": "<image> what is this?", "image": image}
     if abi == "1.2.0":  # 1.2.0 has no width/height: refused, and accepted without them
@@ -199,7 +201,7 @@ def test_multimodal_flat_layout_and_1_3_0_tags(model: NativeModel, fake: FakeVie
     rec = run_and_record(model, fake, {"multimodal_input": flat})["input"]["multimodal_input"]
     n_tokens = rec["image"]["n_image_tokens"] if abi == "1.3.0" else rec["n_image_tokens"]
     assert n_tokens == 1
-    tags = {"prompt": "<image>", "image": {"image_embed": [1.0, 2.0, 3.0, 4.0], "n_image_tokens": 1,
+    tags: dict[str, Any] = {"prompt": "<image>", "image": {"image_embed": [1.0, 2.0, 3.0, 4.0], "n_image_tokens": 1,
                                             "image_start": "<|vision_start|>", "image_end": "<|vision_end|>",
                                             "image_content": "<|image_pad|>"},
             "video": {"video_embed": [0.25] * 16, "n_frame_tokens": 2, "n_frame_per_video": 2,

@@ -103,6 +103,7 @@ def test_symlinked_duplicates_are_listed_once(root: Path) -> None:
     assert names.count("tiny.gguf") == 1 and "alias.gguf" not in names
 
 
+@pytest.mark.cpu
 def test_bundled_model_is_found_without_importing_its_package() -> None:
     from tests.cpu import require_cpu_runtime
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def runtime(fake_path: Path) -> NativeRuntime:
 
 
 @pytest.fixture
-def model(runtime: NativeRuntime, model_file: Path) -> NativeModel:
+def model(runtime: NativeRuntime, model_file: Path) -> Iterator[NativeModel]:
     m = runtime.init(RKLLMParam(model_path=str(model_file), max_new_tokens=12))
     yield m
     m.destroy()
@@ -81,7 +82,7 @@ def test_per_run_max_new_tokens(model: NativeModel, abi: str) -> None:
 
 def test_hidden_states_copied_inside_callback(model: NativeModel) -> None:
     events: list[RunEvent] = []
-    result = model.run(prompt("a b c"), RKLLMInferParam(mode="RKLLM_INFER_GET_LAST_HIDDEN_LAYER"), events.append)
+    result = model.run(prompt("a b c"), RKLLMInferParam(mode="RKLLM_INFER_GET_LAST_HIDDEN_LAYER"), events.append)  # type: ignore[arg-type]
     hidden = [e for e in events if isinstance(e, Hidden)]
     assert len(hidden) == 1 and hidden[0].num_tokens == 3 and hidden[0].embd_size == 8
     # the fake overwrites its buffer with -12345 right after the callback: we must have copied before
@@ -93,7 +94,7 @@ def test_hidden_states_copied_inside_callback(model: NativeModel) -> None:
 
 def test_logits_copied_inside_callback(model: NativeModel) -> None:
     events: list[RunEvent] = []
-    result = model.run(prompt("a b"), RKLLMInferParam(mode=2), events.append)
+    result = model.run(prompt("a b"), RKLLMInferParam(mode=2), events.append)  # type: ignore[arg-type]
     logits = [e for e in events if isinstance(e, Logits)]
     assert len(logits) == 1 and logits[0].vocab_size == 16 and logits[0].num_tokens == 2
     assert result.logits is not None and result.logits.logits[16] == pytest.approx(1.5)
@@ -101,9 +102,9 @@ def test_logits_copied_inside_callback(model: NativeModel) -> None:
 
 
 def test_token_and_embed_inputs_generate(model: NativeModel) -> None:
-    r = model.run(RKLLMInput(token_input={"input_ids": [5, 6]}), GENERATE, discard)
+    r = model.run(RKLLMInput(token_input={"input_ids": [5, 6]}), GENERATE, discard)  # type: ignore[arg-type]
     assert r.text.startswith("<5> <6>")
-    r = model.run(RKLLMInput(embed_input={"embed": [0.0] * 8, "n_tokens": 2}), GENERATE, discard)
+    r = model.run(RKLLMInput(embed_input={"embed": [0.0] * 8, "n_tokens": 2}), GENERATE, discard)  # type: ignore[arg-type]
     assert r.text.startswith("e0 e1")
 
 
@@ -200,7 +201,7 @@ def test_kv_cache_follows_keep_history(model: NativeModel, abi: str) -> None:
 def test_prompt_cache_save_load_release(model: NativeModel, fake: FakeView, tmp_path: Path) -> None:
     path = tmp_path / "prefix.bin"
     model.run(prompt("system prefix words"), RKLLMInferParam(
-        prompt_cache_params={"save_prompt_cache": 1, "prompt_cache_path": str(path)}), discard)
+        prompt_cache_params={"save_prompt_cache": 1, "prompt_cache_path": str(path)}), discard)  # type: ignore[arg-type]
     assert path.exists()
     model.load_prompt_cache(str(path))
     assert fake.last("load_prompt_cache")["cached_prompt"] == "system prefix words"
@@ -214,7 +215,7 @@ def test_prompt_cache_save_load_release(model: NativeModel, fake: FakeView, tmp_
 
 def test_lora_must_be_loaded_before_use(model: NativeModel, tmp_path: Path) -> None:
     with pytest.raises(RkllmError):
-        model.run(prompt("x"), RKLLMInferParam(lora_params={"lora_adapter_name": "nope"}), discard)
+        model.run(prompt("x"), RKLLMInferParam(lora_params={"lora_adapter_name": "nope"}), discard)  # type: ignore[arg-type]
 
 
 def test_run_async_returns_at_once_and_completes(model: NativeModel) -> None:

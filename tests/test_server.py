@@ -32,7 +32,7 @@ def era(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(params=["process", "none"])
+@pytest.fixture(params=[pytest.param("process", marks=pytest.mark.slow), "none"])  # a worker per model: slow
 def isolation(request: pytest.FixtureRequest) -> str:
     """Every server test runs with each model in a worker process, and in the server process."""
     return str(request.param)
@@ -195,7 +195,7 @@ async def test_functions_missing_from_1_2_0_are_not_supported(client: Client, mo
                        ("rkllm_set_cross_attn_params", {"cross_attn_params": {
                            "encoder_k_cache": [1.0], "encoder_v_cache": [1.0], "encoder_mask": [1.0],
                            "encoder_pos": [0], "num_tokens": 1}})]:
-        assert (await fail(client, name, {"handle": h, **args}))["code"] == "NOT_SUPPORTED"
+        assert (await fail(client, name, {"handle": h, **args}))["code"] == "NOT_SUPPORTED"  # type: ignore[dict-item]
     error = await fail(client, "rkllm_init", {"param": {"model_path": str(model_file), "ignore_eos_token": True}})
     assert error["code"] == "ABI_FIELD_UNSUPPORTED"
 

@@ -33,7 +33,7 @@ from mcp_rkllm.surfaces.mcp import build_server
 from tests.conftest import FakeView
 from tests.test_server import call, init
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 T = TypeVar("T")
 
@@ -212,7 +212,7 @@ async def test_a_stopped_worker_freezes_nothing_else(settings: Settings, model_f
                 ("rkllm_run", {"handle": stuck, "rkllm_input": {"prompt_input": "hello"}}),
             ]:
                 result = await bounded(dog, TIMED_OUT, f"{name} on the stopped handle",
-                                       functools.partial(client.call_tool, name, args))
+                                       functools.partial(client.call_tool, name, args))  # type: ignore[arg-type]
                 assert_timed_out(result, name)
 
             # Freeing the handle kills the worker, and the server reaps it.

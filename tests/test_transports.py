@@ -16,7 +16,7 @@ from mcp.client.sse import sse_client
 from tests.fake_rkllm.build import build_fake
 from tests.servers import REPO, events, free_port, server_env, start_http_server, stop
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # each test starts a server process
 
 
 @pytest.fixture

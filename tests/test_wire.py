@@ -16,8 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.fake_rkllm.build import build_fake
 from tests.servers import REPO, events, server_env
+
+pytestmark = pytest.mark.slow  # each test starts a server process
 
 
 class Wire:
@@ -47,7 +51,7 @@ class Wire:
 
     def until_response(self, request_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Messages before the response to `request_id`, and that response."""
-        before = []
+        before: list[dict[str, Any]] = []
         while True:
             m = self.next()
             if m.get("id") == request_id and "method" not in m:

@@ -252,11 +252,15 @@ class Engine:
         try:
             return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon, limiter=h.limiter)
         except RkllmError as exc:
-            if exc.code == "RUNTIME_CRASHED":
-                raise self._crashed(h, exc, function) from None
-            if exc.function is None:
-                exc.function = function
-            raise
+            raise self._failed(h, exc, function) from None
+
+    def _failed(self, h: Handle, exc: RkllmError, function: str) -> RkllmError:
+        """What a failed model call raises: a dead worker frees its handle; the error names `function`."""
+        if exc.code == "RUNTIME_CRASHED":
+            return self._crashed(h, exc, function)
+        if exc.function is None:
+            exc.function = function
+        return exc
 
     async def _slot_call(self, h: Handle, function: str, fn: Callable[..., T], *args: Any) -> T:
         """A call that changes the handle's state: under its run slot."""
@@ -375,11 +379,7 @@ class Engine:
             result = await relay.run(lambda: model.run(inp, infer, collector), lambda: self._abort_model(h, function),
                                      self.settings.abort_timeout)
         except RkllmError as exc:
-            if exc.code == "RUNTIME_CRASHED":
-                raise self._crashed(h, exc, function) from None
-            if exc.function is None:
-                exc.function = function
-            raise
+            raise self._failed(h, exc, function) from None
         finally:
             h.running = False
         h.runs += 1
