@@ -211,11 +211,13 @@ async def test_a_failing_stream_aborts_its_run(tmp_path: Path) -> None:
     assert again.token_count == Model.max_new_tokens
 
 
-async def test_a_load_whose_caller_left_is_registered_with_its_template(tmp_path: Path) -> None:
-    engine, _ = await engine_with(tmp_path, {"init": 0.5})
+async def test_a_load_whose_caller_left_is_freed_not_kept(tmp_path: Path) -> None:
+    engine, runtime = await engine_with(tmp_path, {"init": 0.5})
     with anyio.move_on_after(0.1):  # the client gives up during the load
         await engine.load_model(T.LoadModelParams(model="demo"))
-    (handle,) = engine.handles.values()  # the load finished, was configured and registered all the same
+    assert not engine.handles  # nobody got the handle: it does not count against the limits ...
+    assert runtime.log.names() == ["set_chat_template", "destroy"]  # ... the load ran to its end and was freed
+    result = await engine.generate(T.GenerateParams(model="demo", prompt="hi"))  # a retry loads it again
+    (handle,) = engine.handles.values()
+    assert result.handle == handle.id
     assert isinstance(handle.model, Model) and handle.model.template == ("SYS", "<u>", "</u>")
-    result = await engine.generate(T.GenerateParams(model="demo", prompt="hi"))
-    assert result.handle == handle.id and len(engine.handles) == 1

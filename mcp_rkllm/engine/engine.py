@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from mcp_rkllm import __version__
 from mcp_rkllm.config import Settings
@@ -293,10 +294,18 @@ class Engine:
         if domain is not None:
             self._reserved_domains.add(domain)
         try:
-            # Shielded: a load that finished must be configured and registered (or it would leak, or be
-            # found later without its template), even if its caller left meanwhile.
+            # Shielded: a load runs to its end (configured, or failed) even if its caller leaves, so that
+            # it is either handed over or freed here, never left behind half-done.
             with anyio.CancelScope(shield=True):
                 model = await anyio.to_thread.run_sync(self._init_model, runtime, param, template)
+            try:
+                await anyio.lowlevel.checkpoint()  # raises if the caller was cancelled meanwhile
+            except anyio.get_cancelled_exc_class():
+                # Nobody will get this handle: free the model (and its worker) rather than keep it
+                # counting against the limits; a client that retries loads it again.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(model.destroy)
+                raise
         finally:
             self._loading -= 1
             self._reserved_bytes -= size
