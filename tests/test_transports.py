@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,23 @@ def test_dropped_http_client_aborts_the_run(library: Path, model_file: Path, tmp
             r = http.post(url, headers=session, json={"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
                 "name": "rkllm_init", "arguments": {"param": {"model_path": str(model_file), "max_new_tokens": 500}}}})
             handle = data(r.text)["result"]["structuredContent"]["handle"]
+            r = http.post(url, headers=session, json={"jsonrpc": "2.0", "id": 20, "method": "tools/call", "params": {
+                "name": "rkllm_init", "arguments": {"param": {"model_path": str(model_file), "max_new_tokens": 30}}}})
+            other = data(r.text)["result"]["structuredContent"]["handle"]
+            # A healthy run in the same session, going on while the other request's stream is dropped.
+            concurrent: dict[str, Any] = {}
+
+            def run_other() -> None:
+                with httpx.Client(timeout=20) as http2:
+                    resp = http2.post(url, headers=session, json={"jsonrpc": "2.0", "id": 21, "method": "tools/call",
+                                      "params": {"name": "rkllm_run", "_meta": {"progressToken": "o"}, "arguments": {
+                                          "handle": other, "rkllm_input": {"prompt_input": "y fake:delay_ms=40"}}}})
+                concurrent["status"] = resp.status_code
+                concurrent["result"] = [json.loads(line[5:]) for line in resp.text.splitlines()
+                                        if line.startswith("data:") and '"id":21' in line.replace(" ", "")]
+
+            worker = threading.Thread(target=run_other)
+            worker.start()
             call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
                 "name": "rkllm_run", "_meta": {"progressToken": "t"},
                 "arguments": {"handle": handle, "rkllm_input": {"prompt_input": "x fake:delay_ms=20"}}}}
@@ -187,6 +205,15 @@ def test_dropped_http_client_aborts_the_run(library: Path, model_file: Path, tmp
                 for line in stream.iter_lines():
                     if line.startswith("data:") and "notifications/progress" in line:
                         break  # walk away mid-run
+            worker.join(30)
+            # Only that request ended: the session, and the other run in it, carry on.
+            assert concurrent["status"] == 200 and concurrent["result"], concurrent
+            outcome = concurrent["result"][-1]["result"]
+            assert not outcome["isError"] and outcome["structuredContent"]["finish_reason"] == "length", outcome
+            r = http.post(url, headers=session, json={"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {
+                "name": "rkllm_is_running", "arguments": {"handle": handle}}})
+            assert r.status_code == 200, r.text  # not 404 "Session not found"
+            assert data(r.text)["result"]["structuredContent"]["running"] is False
         deadline = time.monotonic() + 5
         while "abort_while_running" not in events(ev):
             assert time.monotonic() < deadline, f"no abort after the client left: {events(ev)}"

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import anyio
 
+from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import RunCollector
 
 log = logging.getLogger(__name__)
@@ -221,4 +222,6 @@ class Relay:
         except BaseExceptionGroup as group:  # the pump's own failure, not wrapped
             raise group.exceptions[0] from None
         if self.client_gone:
-            raise anyio.get_cancelled_exc_class()()
+            # A coded error, not a cancellation: raising a bare cancellation outside its scope would
+            # tear down whatever task group serves the call (on Streamable HTTP: the whole session).
+            raise RkllmError("CANCELLED", detail=": the client disconnected")

@@ -8,6 +8,7 @@ import hmac
 from typing import Any
 
 from mcp_rkllm.config import Settings, is_loopback
+from mcp_rkllm.surfaces.http.disconnect import DisconnectWatch
 from mcp_rkllm.surfaces.mcp.server import RkllmServer
 
 
@@ -71,10 +72,10 @@ def protect(app: Any, settings: Settings) -> Any:
 def http_app(server: RkllmServer, settings: Settings) -> Any:
     """The Streamable HTTP app (endpoint /mcp) with Host/Origin checks and the body-size limit."""
     server.request_is_response_stream = True
-    return server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
-                                      transport_security=transport_security(settings),
-                                      max_request_body_size=settings.max_request_bytes,
-                                      custom_starlette_routes=[metrics_route(server)])
+    return DisconnectWatch(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
+                                                      transport_security=transport_security(settings),
+                                                      max_request_body_size=settings.max_request_bytes,
+                                                      custom_starlette_routes=[metrics_route(server)]))
 
 
 def metrics_route(server: RkllmServer) -> Any:

@@ -42,6 +42,7 @@ from mcp_rkllm.engine import Engine, Progress, Stream
 from mcp_rkllm.errors import ERRORS, RkllmError
 from mcp_rkllm.errors.table import ERROR_SCHEMA
 from mcp_rkllm.runtime.base import Runtime
+from mcp_rkllm.surfaces.http.disconnect import gone_check
 from mcp_rkllm.surfaces.registry import OperationSpec, Registry, UnknownOperation, build_registry
 
 INSTRUCTIONS = (
@@ -148,7 +149,7 @@ def build_server(settings: Settings, runtime: Runtime | None = None, registry: R
         # On Streamable HTTP the request that carries tools/call also carries its response stream,
         # so its disconnection means the client left. (On SSE it is a POST answered at once.)
         request = ctx.request if server.request_is_response_stream else None
-        gone = request.is_disconnected if isinstance(request, Request) else None
+        gone = gone_check(request.scope) if isinstance(request, Request) else None
         try:
             result = await registry.invoke(params.name, params.arguments, engine, Stream(progress, gone))
         except UnknownOperation as exc:
