@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -200,58 +199,9 @@ def try_main(args: argparse.Namespace, flags: Mapping[str, Any]) -> int:
         print(f"mcp-rkllm: {exc}", file=sys.stderr)
         return 2
     server_args = ["-m", "mcp_rkllm", "serve", *settings_argv(forwarded)]
-    from mcp.shared.exceptions import MCPError
+    from mcp_rkllm.surfaces.mcp.try_client import try_generate
 
-    failure: BaseException | None = None
     try:
-        try:
-            return anyio.run(_try, args, server_args)
-        except* MCPError as group:  # the server exited or stopped answering (its stderr is above)
-            failure = group
+        return try_generate(args.prompt, args.try_max_new_tokens, args.temperature, server_args, args.verbose)
     except KeyboardInterrupt:
         return 130
-    while isinstance(failure, BaseExceptionGroup):
-        failure = failure.exceptions[0]
-    print(f"\nmcp-rkllm try: the server failed: {failure}" + ("" if args.verbose else " (--verbose shows its log)"),
-          file=sys.stderr)
-    return 1
-
-
-async def _try(args: argparse.Namespace, server_args: list[str]) -> int:
-    from mcp import Client, StdioServerParameters
-
-    params = StdioServerParameters(command=sys.executable, args=server_args, env=dict(os.environ))
-    out = sys.stdout
-    started = time.perf_counter()
-    first: list[float] = []
-
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        if message:
-            if not first:
-                first.append(time.perf_counter() - started)
-            out.write(message)
-            out.flush()
-
-    async with Client(params) as client:
-        status = await client.call_tool("server_status", {})
-        runtime: dict[str, Any] = (status.structured_content or {}).get("runtime") or {}
-        result = await client.call_tool("generate", {"prompt": args.prompt, "max_new_tokens": args.try_max_new_tokens,
-                                                     "temperature": args.temperature},
-                                        progress_callback=on_progress)
-    data = result.structured_content or {}
-    if result.is_error:
-        error = data.get("error", {})
-        print(f"\nmcp-rkllm try: {error.get('code')}: {error.get('message')}\nHint: {error.get('hint')}",
-              file=sys.stderr)
-        return 1
-    if not first:  # no progress arrived (cannot happen with this client, but never lose the answer)
-        out.write(data.get("text", ""))
-    perf = data.get("perf") or {}
-    gen_ms = perf.get("generate_time_ms") or 0.0
-    tps = perf.get("generate_tokens", 0) / (gen_ms / 1000) if gen_ms else 0.0
-    print(f"\n\n[{data.get('model')} on {runtime.get('runtime', '?')}: {data.get('token_count')} tokens, "
-          f"finish {data.get('finish_reason')}, prefill {perf.get('prefill_tokens', 0)} tokens in "
-          f"{perf.get('prefill_time_ms', 0):.0f} ms, generate {tps:.1f} tokens/s, first token after "
-          f"{(first[0] if first else 0) * 1000:.0f} ms (incl. server start and model load), "
-          f"peak RSS {perf.get('memory_usage_mb', 0):.0f} MB]")
-    return 0

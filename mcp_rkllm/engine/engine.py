@@ -378,9 +378,9 @@ class Engine:
         """One run on a handle whose slot the caller holds, streamed; RKLLM_RUN_ERROR is GENERATION_ERROR."""
         infer = self._confine_cache(infer, function)
         model = h.model
-        total = effective_max_new_tokens(model, infer) if produces_text(infer) else None
-        collector = RunCollector(effective_max_new_tokens(model, infer))
-        relay = Relay(collector, stream, total)
+        limit = effective_max_new_tokens(model, infer)
+        collector = RunCollector(limit)
+        relay = Relay(collector, stream, limit if produces_text(infer) else None)
         if h.slot.closed:  # freed while this call prepared its run (the check and the flag: no await between)
             raise RkllmError("CANCELLED", function=function, detail=f": handle {h.id} was freed before the run began")
         h.running = True
@@ -443,7 +443,7 @@ class Engine:
             h.running = False
             h.slot.release()
             raise
-        h.async_run = AsyncRunReader("r-" + secrets.token_hex(4), effective_max_new_tokens(h.model, infer), run)
+        h.async_run = AsyncRunReader("r-" + secrets.token_hex(4), collector.max_new_tokens, run)
 
         def done(result: RunResult) -> None:  # on the runtime's thread
             h.runs += 1

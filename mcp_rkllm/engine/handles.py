@@ -125,7 +125,6 @@ class AsyncRunReader:
         self.run_id = run_id
         self.total = total
         self.run = run
-        self.started = time.monotonic()
         self._text = ""
         self._cursor = 0  # tokens already joined into _text
         self._signal = LoopSignal()
@@ -169,13 +168,12 @@ class AsyncRunReader:
 
 @dataclass
 class Handle:
-    """One loaded model (the kinds of loaded things grow: vision encoders next) and its run slot."""
+    """One loaded model and its run slot."""
 
     id: str
     model: LoadedModel
     param: RKLLMParam
     model_name: str | None = None
-    kind: str = "rkllm"
     slot: Slot = field(init=False)
     limiter: anyio.CapacityLimiter = field(init=False)
     """Threads for this handle's model calls: a stuck worker uses up its own, nobody else's."""

@@ -71,7 +71,6 @@ def protect(app: Any, settings: Settings) -> Any:
 
 def http_app(server: RkllmServer, settings: Settings) -> Any:
     """The Streamable HTTP app (endpoint /mcp) with Host/Origin checks and the body-size limit."""
-    server.request_is_response_stream = True
     return DisconnectWatch(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
                                                       transport_security=transport_security(settings),
                                                       max_request_body_size=settings.max_request_bytes,

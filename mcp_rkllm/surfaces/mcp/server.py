@@ -111,8 +111,6 @@ class RkllmServer(Server[Engine]):
     """The low-level MCP Server, with the engine its tools share."""
 
     engine: Engine
-    request_is_response_stream: bool = False
-    """True on Streamable HTTP: a dropped tools/call request means the client is gone."""
 
 
 def build_server(settings: Settings, runtime: Runtime | None = None, registry: Registry | None = None,
@@ -146,10 +144,10 @@ def build_server(settings: Settings, runtime: Runtime | None = None, registry: R
         async def progress(update: Progress) -> None:
             await ctx.session.report_progress(update.progress, update.total, update.text)
 
-        # On Streamable HTTP the request that carries tools/call also carries its response stream,
-        # so its disconnection means the client left. (On SSE it is a POST answered at once.)
-        request = ctx.request if server.request_is_response_stream else None
-        gone = gone_check(request.scope) if isinstance(request, Request) else None
+        # On Streamable HTTP the request that carries tools/call also carries its response stream, so
+        # its disconnection means the client left; that app watches for it (DisconnectWatch). On SSE a
+        # tools/call is a POST answered at once, and that app does not watch: no check there.
+        gone = gone_check(ctx.request.scope) if isinstance(ctx.request, Request) else None
         try:
             result = await registry.invoke(params.name, params.arguments, engine, Stream(progress, gone))
         except UnknownOperation as exc:
