@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     @field_validator("auth_token")
     @classmethod
     def _token_long_enough(cls, value: str | None) -> str | None:
+        if value is not None and value != value.strip():
+            # A bearer value arrives stripped (HTTP drops the whitespace around a header value), so a token that is
+            # blank, or starts or ends with whitespace, could never match: every request would get 401.
+            what = "is only whitespace" if not value.strip() else "starts or ends with whitespace"
+            raise ValueError(f"the auth token {what}, which no Authorization header can carry, so no request "
+                             "could ever match it; use a long random secret without spaces around it")
         if value is not None and len(value) < 16:
             raise ValueError("the auth token must be at least 16 characters (use a long random secret)")
         return value

@@ -191,3 +191,14 @@ def test_non_loopback_needs_a_token_and_names_the_fix() -> None:
     s = Settings.load({"transport": "http", "host": "0.0.0.0", "auth_token": TOKEN}, {})
     assert s.auth_token == TOKEN
     assert os.environ.get("MCP_RKLLM_AUTH_TOKEN") is None
+
+
+@pytest.mark.parametrize("token", [" " * 16, "\t" * 20, " " * 8 + "\n" * 8, f" {TOKEN}", f"{TOKEN}\n"])
+def test_a_token_that_can_never_match_is_refused(token: str) -> None:
+    """Bearer values are compared stripped (HTTP drops the spaces around a header value): a token that is
+    all whitespace, or starts or ends with it, could never match, so the settings refuse it and say why."""
+    with pytest.raises(ValueError, match="whitespace") as refused:
+        Settings.load({"transport": "http", "auth_token": token}, {})
+    assert token.strip() not in str(refused.value) or not token.strip()  # a near-secret is not echoed
+    with pytest.raises(ValueError, match="whitespace"):
+        Settings.load({}, {"MCP_RKLLM_AUTH_TOKEN": token})
