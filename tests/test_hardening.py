@@ -202,3 +202,25 @@ def test_a_token_that_can_never_match_is_refused(token: str) -> None:
     assert token.strip() not in str(refused.value) or not token.strip()  # a near-secret is not echoed
     with pytest.raises(ValueError, match="whitespace"):
         Settings.load({}, {"MCP_RKLLM_AUTH_TOKEN": token})
+
+
+@pytest.mark.slow  # server processes over HTTP and SSE
+@pytest.mark.parametrize("transport", ["http", "sse"])
+async def test_metrics_checks_host_and_origin_like_mcp(tmp_path: Path, transport: str) -> None:
+    """/metrics answers only the Host and Origin names /mcp accepts (a DNS-rebinding page must not read it)."""
+    port = free_port()
+    proc = start_http_server(transport, build_fake("1.3.0", "1.3.0"), tmp_path / "records", port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as http:
+            ok = await http.get(f"{base}/metrics")
+            assert ok.status_code == 200 and "mcp_rkllm" in ok.text
+            assert (await http.get(f"{base}/metrics", headers={"Host": "localhost:1"})).status_code == 200
+            bad_host = await http.get(f"{base}/metrics", headers={"Host": "evil.example"})
+            assert bad_host.status_code == 421 and "mcp_rkllm" not in bad_host.text
+            bad_origin = await http.get(f"{base}/metrics", headers={"Origin": "http://evil.example"})
+            assert bad_origin.status_code == 403 and "mcp_rkllm" not in bad_origin.text
+            good_origin = await http.get(f"{base}/metrics", headers={"Origin": f"http://127.0.0.1:{port}"})
+            assert good_origin.status_code == 200
+    finally:
+        stop(proc)

@@ -74,16 +74,23 @@ def http_app(server: RkllmServer, settings: Settings) -> Any:
     return DisconnectWatch(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
                                                       transport_security=transport_security(settings),
                                                       max_request_body_size=settings.max_request_bytes,
-                                                      custom_starlette_routes=[metrics_route(server)]))
+                                                      custom_starlette_routes=[metrics_route(server, settings)]))
 
 
-def metrics_route(server: RkllmServer) -> Any:
-    """GET /metrics: the metrics in Prometheus text format."""
+def metrics_route(server: RkllmServer, settings: Settings) -> Any:
+    """GET /metrics: the metrics in Prometheus text format, behind the same Host/Origin checks as /mcp (the
+    SDK checks only its own endpoints; a DNS-rebinding page could otherwise read the usage)."""
+    from mcp.server.transport_security import TransportSecurityMiddleware
     from starlette.requests import Request
-    from starlette.responses import PlainTextResponse
+    from starlette.responses import PlainTextResponse, Response
     from starlette.routing import Route
 
-    async def metrics(request: Request) -> PlainTextResponse:
+    security = TransportSecurityMiddleware(transport_security(settings))
+
+    async def metrics(request: Request) -> Response:
+        refused = await security.validate_request(request, is_post=False)
+        if refused is not None:
+            return refused
         return PlainTextResponse(server.engine.metrics.prometheus(), media_type="text/plain; version=0.0.4")
 
     return Route("/metrics", endpoint=metrics, methods=["GET"])
@@ -106,7 +113,7 @@ def sse_app(server: RkllmServer, settings: Settings) -> Any:
         return Response()
 
     return Starlette(routes=[Route("/sse", endpoint=handle_sse, methods=["GET"]),
-                             Mount("/messages/", app=transport.handle_post_message), metrics_route(server)])
+                             Mount("/messages/", app=transport.handle_post_message), metrics_route(server, settings)])
 
 
 async def serve_http(app: Any, settings: Settings) -> None:
