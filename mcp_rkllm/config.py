@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-Transport = Literal["stdio", "http", "sse"]
+Transport = Literal["stdio", "http", "sse", "jsonrpc"]
 RuntimeChoice = Literal["auto", "native", "cpu"]
 Isolation = Literal["auto", "process", "none"]
 Abi = Literal["1.2.0", "1.2.1", "1.3.0"]
@@ -87,7 +87,14 @@ class Settings(BaseSettings):
 
     # -- transport and HTTP
     transport: Transport = _setting(
-        "stdio", "`stdio`; `http`: Streamable HTTP at `/mcp`; `sse`: legacy HTTP+SSE at `/sse`.", "serving")
+        "stdio", "`stdio`; `http`: Streamable HTTP at `/mcp` (and JSON-RPC at `/jsonrpc`); `sse`: legacy HTTP+SSE at "
+                 "`/sse`; `jsonrpc`: JSON-RPC 2.0 on the Unix socket `--socket`.", "serving")
+    socket: str | None = _setting(
+        None, "Unix socket of the JSON-RPC surface (`--transport jsonrpc`; with `http`, served as well).", "serving",
+        shown="`$XDG_RUNTIME_DIR/mcp-rkllm.sock`, else `/tmp/mcp-rkllm-<uid>.sock` (jsonrpc only)", metavar="PATH")
+    socket_mode: str = _setting(
+        "0600", "Permissions of the socket file, in octal (`0660` lets the socket's group connect).", "serving",
+        metavar="MODE", pattern=r"^0?[0-7]{3}$")
     host: str = _setting(
         "127.0.0.1", "HTTP/SSE bind address; a non-loopback address needs an auth token.", "serving",
         metavar="ADDRESS")

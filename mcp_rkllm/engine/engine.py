@@ -83,7 +83,7 @@ from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import RunCollector
 from mcp_rkllm.isolation.supervisor import WorkerLimits, WorkerModel, WorkerRuntime
 from mcp_rkllm.models.paths import PathPolicy, default_cache_dir
-from mcp_rkllm.models.store import ChatTemplate, ModelInfo, ModelStore, bundled_model
+from mcp_rkllm.models.store import ChatTemplate, ModelInfo, ModelStore
 from mcp_rkllm.runtime import choose_runtime, open_in_process
 from mcp_rkllm.runtime.base import (
     HistoryPriming,
@@ -111,6 +111,10 @@ T = TypeVar("T")
 
 #: How many crashed handles keep answering RUNTIME_CRASHED (instead of UNKNOWN_HANDLE).
 CRASH_MEMORY = 256
+#: Seconds between the aborts rkllm_destroy sends a run that has not ended yet.
+ABORT_REPEAT = 0.1
+#: Deepest JSON nesting a tools list may have (the runtime parses it again, in C).
+MAX_JSON_DEPTH = 64
 
 
 def available_memory_bytes() -> int | None:
@@ -122,6 +126,20 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def _json_depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (None, for JSON too deep to parse, counts as infinite)."""
+    if value is None:
+        return 1 << 30
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return depth
+        level = [c for v in level if isinstance(v, list | dict) for c in (v.values() if isinstance(v, dict) else v)
+                 if isinstance(c, list | dict)]
+    return depth
 
 
 def _flatten(messages: list[dict[str, str]]) -> str:
@@ -143,8 +161,8 @@ class Engine:
         self.crashed: dict[str, RkllmError] = {}
         """Handles whose worker died, and why (the newest CRASH_MEMORY of them)."""
         self.store = ModelStore.from_dirs(list(settings.models))
-        bundled = bundled_model()
-        self.paths = PathPolicy(self.store.roots + ([bundled.parent] if bundled else []),
+        # The same directories the store lists models from, so that what is listed loads.
+        self.paths = PathPolicy(self.store.allowed_roots(),
                                 Path(settings.cache_dir) if settings.cache_dir else default_cache_dir())
         self.metrics = Metrics()
         self.started = time.time()
@@ -228,8 +246,20 @@ class Engine:
             raise self._crashed(h, h.model.crash, function)
         return h
 
+    def default_handle_id(self, function: str) -> str:
+        """The handle a call that names none means: the default one, else the first loaded; UNKNOWN_HANDLE when
+        no model is loaded (nothing is loaded implicitly: the C-style calls never load)."""
+        default = self.default_handle
+        if default is not None and default in self.handles:
+            return default
+        if self.handles:
+            return next(iter(self.handles))
+        raise RkllmError("UNKNOWN_HANDLE", function=function, handle="(default: no model is loaded)")
+
     def _crashed(self, h: Handle, crash: RkllmError, function: str) -> RkllmError:
         """Forget a handle whose worker died; the error this and every later call on it gets."""
+        if h.freed:  # its worker exited because a client freed the handle: no crash, an unknown handle
+            return RkllmError("UNKNOWN_HANDLE", function=function, handle=h.id)
         error = RkllmError("RUNTIME_CRASHED", function=function, **{**crash.fields, "handle": h.id})
         self.crashed[h.id] = error
         while len(self.crashed) > CRASH_MEMORY:
@@ -348,10 +378,17 @@ class Engine:
     async def _destroy(self, h: Handle, function: str) -> None:
         """Free the handle: new calls get UNKNOWN_HANDLE, waiting ones CANCELLED; abort its run, give
         it abort_timeout seconds to end, then rkllm_destroy (a stuck worker is killed)."""
+        h.freed = True
         self._forget(h)
-        if h.running:
-            await self._abort_model(h, function)
-        if not await h.slot.wait_free(self.settings.abort_timeout):
+        deadline = anyio.current_time() + self.settings.abort_timeout
+        while h.slot.held and (left := deadline - anyio.current_time()) > 0:
+            # Again and again: an abort that reaches the runtime before its run has started is lost (a run
+            # clears the abort flag as it starts), and the worker may still be handed that run.
+            if h.running:
+                with anyio.move_on_after(left):
+                    await self._abort_model(h, function)
+            await h.slot.wait_free(min(ABORT_REPEAT, max(deadline - anyio.current_time(), 0)))
+        if h.slot.held:
             log.warning("handle %s: its run did not end within %.0f s of rkllm_abort; destroying it anyway",
                         h.id, self.settings.abort_timeout)
         await self._call(h, function, h.model.destroy)
@@ -365,18 +402,32 @@ class Engine:
 
     # ================================================================= runs
 
+    def _check_prompt(self, inp: RKLLMInput | str, function: str) -> None:
+        """LIMIT_EXCEEDED when the prompt text that reaches the runtime (turns joined, a history to prime) is over
+        max_prompt_bytes: the per-argument limits cannot see what the engine builds from several arguments."""
+        text = inp if isinstance(inp, str) else (
+            inp.multimodal_input.prompt if inp.multimodal_input is not None else inp.prompt_input)
+        if text is None:
+            return
+        limit = self.settings.max_prompt_bytes
+        if len(text) * 4 > limit and (size := len(text.encode("utf-8", "surrogatepass"))) > limit:
+            raise RkllmError("LIMIT_EXCEEDED", function=function, what="the prompt sent to the runtime (UTF-8 bytes)",
+                             value=size, limit=limit)
+
     def _confine_cache(self, infer: RKLLMInferParam, function: str) -> RKLLMInferParam:
-        """A run that saves a prompt cache writes it inside the cache directory, never elsewhere."""
+        """A run that saves a prompt cache writes it inside the cache directory, never elsewhere; a path
+        given with save_prompt_cache 0 is confined the same way (it reaches the runtime all the same)."""
         p = infer.prompt_cache_params
-        if p is None or not p.save_prompt_cache:
+        if p is None or (not p.save_prompt_cache and p.prompt_cache_path is None):
             return infer
-        path = self.paths.cache_file(p.prompt_cache_path, function, write=True)
+        path = self.paths.cache_file(p.prompt_cache_path, function, write=True, create=bool(p.save_prompt_cache))
         return infer.model_copy(update={"prompt_cache_params": p.model_copy(update={"prompt_cache_path": path})})
 
     async def _relay(self, h: Handle, inp: RKLLMInput, infer: RKLLMInferParam, stream: Stream,
                      function: str) -> RunResult:
         """One run on a handle whose slot the caller holds, streamed; RKLLM_RUN_ERROR is GENERATION_ERROR."""
         infer = self._confine_cache(infer, function)
+        self._check_prompt(inp, function)
         model = h.model
         limit = effective_max_new_tokens(model, infer)
         collector = RunCollector(limit)
@@ -433,6 +484,7 @@ class Engine:
         h = self.get(p.handle, "rkllm_run_async")
         s = self.settings
         infer = self._confine_cache(p.rkllm_infer_params, "rkllm_run_async")
+        self._check_prompt(p.rkllm_input, "rkllm_run_async")
         await h.slot.acquire(s.busy_timeout, "rkllm_run_async", s.max_queued_runs)
         try:
             h.conversation = []
@@ -511,12 +563,17 @@ class Engine:
     async def set_function_tools(self, p: FunctionToolsParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_set_function_tools; `tools` is a JSON array (given as text or as the array)."""
         h = self.get(p.handle, "rkllm_set_function_tools")
-        tools = p.tools if isinstance(p.tools, str) else json.dumps(p.tools, ensure_ascii=False)
         try:
+            tools = p.tools if isinstance(p.tools, str) else json.dumps(p.tools, ensure_ascii=False)
             parsed = json.loads(tools)
         except json.JSONDecodeError as exc:
             raise RkllmError("INVALID_PARAMS", function="rkllm_set_function_tools",
                              detail=f"tools is not valid JSON: {exc}") from exc
+        except RecursionError:
+            parsed = None  # nested deeper than Python's parser goes: refused below like any too-deep value
+        if _json_depth(parsed) > MAX_JSON_DEPTH:
+            raise RkllmError("INVALID_PARAMS", function="rkllm_set_function_tools",
+                             detail=f"tools is nested more than {MAX_JSON_DEPTH} levels deep")
         if not isinstance(parsed, list):
             raise RkllmError("INVALID_PARAMS", function="rkllm_set_function_tools", detail="tools must be a JSON array")
         await self._slot_call(h, "rkllm_set_function_tools", h.model.set_function_tools, p.system_prompt, tools,
@@ -558,11 +615,11 @@ class Engine:
 
     async def list_models(self, p: ListModelsParams | None = None, stream: Stream = NO_STREAM) -> ListModelsResult:
         """The model files the server can see, with sizes and whether this runtime loads them."""
-        models = await anyio.to_thread.run_sync(self.store.models)
+        scan = await anyio.to_thread.run_sync(self.store.scan)
         runtime = self._runtime_name()
         return ListModelsResult(
-            models=[ModelEntry(**m.to_dict(), loadable=m.runtime == runtime) for m in models],
-            roots=[str(r) for r in self.store.roots], runtime=runtime, problems=self.store.problems)
+            models=[ModelEntry(**m.to_dict(), loadable=m.runtime == runtime) for m in scan.models],
+            roots=[str(r) for r in self.store.roots], runtime=runtime, problems=[p.message for p in scan.problems])
 
     async def _load_info(self, info: ModelInfo, param: RKLLMParam | None, function: str) -> Handle:
         runtime = self.require_runtime(function)
@@ -674,6 +731,7 @@ class Engine:
             if reused:
                 prompt = last["content"]
             elif isinstance(h.model, HistoryPriming):  # the CPU runtime renders the exact conversation
+                self._check_prompt("".join(m["content"] for m in messages), "chat")
                 await self._call(h, "chat", h.model.prime_history, messages[:-1])
                 prompt = last["content"]
             else:

@@ -40,11 +40,12 @@ MIN_INTERVAL_SECONDS = 0.005
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """One streamed update: tokens so far, the token limit when known, and the new text."""
+    """One streamed update: tokens so far, the token limit when known, the new text and its token ids."""
 
     progress: int
     total: int | None
     text: str
+    token_ids: tuple[int, ...] = ()
 
 
 #: Receives a run's updates, in order, on the event loop.
@@ -111,6 +112,7 @@ class Relay:
         self._total = total or None
         self._signal = LoopSignal()
         self._sent = 0  # tokens already sent
+        self._held_ids: list[int] = []  # ids of tokens sent without text yet (an unfinished character)
         self._ended = False
         self._thread_done = threading.Event()
         self.updates = 0
@@ -130,13 +132,19 @@ class Relay:
             return
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        text = "".join(c.pieces[self._sent:end])
-        self._sent = end
         sink = self._stream.sink
-        if not text or sink is None:  # only tokens of an unfinished character: wait for the rest
+        if sink is None:
+            self._sent = end
             return
+        text = "".join(c.pieces[self._sent:end])
+        self._held_ids.extend(c.token_ids[self._sent:end])
+        self._sent = end
+        if not text:  # only tokens of an unfinished character: wait for the rest
+            return
+        token_ids = tuple(self._held_ids)
+        self._held_ids.clear()
         self.updates += 1
-        await sink(Progress(end, self._total, text))
+        await sink(Progress(end, self._total, text, token_ids))
 
     async def _watch_client(self, scope: anyio.CancelScope) -> None:
         # Streamable HTTP keeps a request alive when its connection drops (clients may resume),

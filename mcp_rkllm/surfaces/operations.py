@@ -47,19 +47,32 @@ from mcp_rkllm.engine.types import (
 )
 from mcp_rkllm.surfaces.registry import OperationSpec
 
+
+def _same(*names: str) -> tuple[tuple[str, str | None], ...]:
+    """C parameters whose names are the params' field names, in C order."""
+    return tuple((name, name) for name in names)
+
+
+#: rkllm_run / rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params,
+#: void* userdata): userdata is the server's.
+_RUN = (*_same("handle", "rkllm_input", "rkllm_infer_params"), ("userdata", None))
+
 OPERATIONS: tuple[OperationSpec, ...] = (
     OperationSpec(
         "rkllm_createDefaultParam", NoParams, DefaultParamResult, Engine.create_default_param,
         """The runtime's default RKLLMParam (rkllm_createDefaultParam). rkllm_init overlays your fields on it.""",
-        read_only=True, idempotent=True, c_function="rkllm_createDefaultParam"),
+        read_only=True, idempotent=True, c_function="rkllm_createDefaultParam",
+        c_params=()),
     OperationSpec(
         "rkllm_init", InitParams, InitResult, Engine.init,
         """Load a model (rkllm_init) and return its handle. `param` is overlaid on rkllm_createDefaultParam().""",
-        c_function="rkllm_init"),
+        c_function="rkllm_init",
+        c_params=(("handle", None), ("param", "param"), ("callback", None))),
     OperationSpec(
         "rkllm_destroy", HandleParams, DestroyResult, Engine.destroy,
         """Abort any run on the handle and free the model (rkllm_destroy). The handle is gone afterwards.""",
-        destructive=True, c_function="rkllm_destroy"),
+        destructive=True, c_function="rkllm_destroy",
+        c_params=_same("handle")),
     OperationSpec(
         "rkllm_run", RunParams, RunToolResult, Engine.run,
         """Run inference (rkllm_run) and return the whole text, token ids, finish reason and perf stats.
@@ -67,13 +80,15 @@ OPERATIONS: tuple[OperationSpec, ...] = (
     Tokens stream as progress notifications (message = new text) when the call has a progressToken.
     GET_LAST_HIDDEN_LAYER / GET_LOGITS modes return the arrays instead of text. Cancelling the call
     aborts the run; the handle stays usable.""",
-        streams=True, c_function="rkllm_run"),
+        streams=True, c_function="rkllm_run",
+        c_params=_RUN),
     OperationSpec(
         "rkllm_run_async", RunParams, RunAsyncResult, Engine.run_async,
         """Start inference (rkllm_run_async) and return at once; read it with rkllm_run_async_result.
 
     The handle stays busy until the run ends; rkllm_abort stops it.""",
-        c_function="rkllm_run_async"),
+        c_function="rkllm_run_async",
+        c_params=_RUN),
     OperationSpec(
         "rkllm_run_async_result", AsyncResultParams, AsyncRunReport, Engine.run_async_result,
         """Read the latest rkllm_run_async run of a handle: new text since `offset`, and the result once done.
@@ -83,45 +98,55 @@ OPERATIONS: tuple[OperationSpec, ...] = (
     OperationSpec(
         "rkllm_abort", HandleParams, AbortResult, Engine.abort,
         """Stop the running inference on the handle (rkllm_abort). The run ends with finish_reason "abort".""",
-        idempotent=True, c_function="rkllm_abort"),
+        idempotent=True, c_function="rkllm_abort",
+        c_params=_same("handle")),
     OperationSpec(
         "rkllm_is_running", HandleParams, RunningResult, Engine.is_running,
         """Whether an inference is running on the handle (rkllm_is_running; 1 = running).""",
-        read_only=True, idempotent=True, c_function="rkllm_is_running"),
+        read_only=True, idempotent=True, c_function="rkllm_is_running",
+        c_params=_same("handle")),
     OperationSpec(
         "rkllm_clear_kv_cache", ClearKvParams, Ok, Engine.clear_kv_cache,
         """Clear the KV cache (rkllm_clear_kv_cache): the conversation history kept by keep_history=1.""",
-        destructive=True, idempotent=True, c_function="rkllm_clear_kv_cache"),
+        destructive=True, idempotent=True, c_function="rkllm_clear_kv_cache",
+        c_params=_same("handle", "keep_system_prompt", "start_pos", "end_pos")),
     OperationSpec(
         "rkllm_get_kv_cache_size", HandleParams, KvSizeResult, Engine.get_kv_cache_size,
         """How many positions the KV cache holds (rkllm_get_kv_cache_size, 1.2.1+).""",
-        read_only=True, idempotent=True, c_function="rkllm_get_kv_cache_size"),
+        read_only=True, idempotent=True, c_function="rkllm_get_kv_cache_size",
+        c_params=(*_same("handle"), ("cache_sizes", None))),
     OperationSpec(
         "rkllm_set_chat_template", ChatTemplateParams, Ok, Engine.set_chat_template,
         """Replace the model's chat template (rkllm_set_chat_template). enable_thinking has no effect after it.""",
-        idempotent=True, c_function="rkllm_set_chat_template"),
+        idempotent=True, c_function="rkllm_set_chat_template",
+        c_params=_same("handle", "system_prompt", "prompt_prefix", "prompt_postfix")),
     OperationSpec(
         "rkllm_set_function_tools", FunctionToolsParams, Ok, Engine.set_function_tools,
         """Give the model function-calling tools (rkllm_set_function_tools, 1.2.1+).
 
     The model then writes <tool_call>{...}</tool_call> in its text; send results back with role "tool".""",
-        idempotent=True, c_function="rkllm_set_function_tools"),
+        idempotent=True, c_function="rkllm_set_function_tools",
+        c_params=_same("handle", "system_prompt", "tools", "tool_response_str")),
     OperationSpec(
         "rkllm_set_cross_attn_params", CrossAttnParams, Ok, Engine.set_cross_attn_params,
         """Set the encoder K/V caches, mask and positions of a cross-attention model (1.2.1+).""",
-        idempotent=True, c_function="rkllm_set_cross_attn_params"),
+        idempotent=True, c_function="rkllm_set_cross_attn_params",
+        c_params=_same("handle", "cross_attn_params")),
     OperationSpec(
         "rkllm_load_lora", LoraParams, Ok, Engine.load_lora,
         """Load a LoRA adapter (rkllm_load_lora); select it per run with rkllm_infer_params.lora_params.""",
-        c_function="rkllm_load_lora"),
+        c_function="rkllm_load_lora",
+        c_params=_same("handle", "lora_adapter")),
     OperationSpec(
         "rkllm_load_prompt_cache", PromptCacheParams, Ok, Engine.load_prompt_cache,
         """Load a saved prompt cache (rkllm_load_prompt_cache): runs starting with that prefix skip its prefill.""",
-        c_function="rkllm_load_prompt_cache"),
+        c_function="rkllm_load_prompt_cache",
+        c_params=_same("handle", "prompt_cache_path")),
     OperationSpec(
         "rkllm_release_prompt_cache", HandleParams, Ok, Engine.release_prompt_cache,
         """Release the loaded prompt cache (rkllm_release_prompt_cache).""",
-        destructive=True, idempotent=True, c_function="rkllm_release_prompt_cache"),
+        destructive=True, idempotent=True, c_function="rkllm_release_prompt_cache",
+        c_params=_same("handle")),
     OperationSpec(
         "list_models", ListModelsParams, ListModelsResult, Engine.list_models,
         """The model files the server can see (.rkllm for the NPU, .gguf for the CPU runtime), with sizes.""",

@@ -1,5 +1,5 @@
-"""Serving: `serve(settings)` runs the MCP server on stdio, Streamable HTTP or SSE until the client or a
-signal ends it; `configure_logging` sends logs to stderr (stdout is the stdio transport's wire)."""
+"""Serving: `serve(settings)` runs the MCP server on stdio, Streamable HTTP or SSE, or the JSON-RPC socket, until
+the client or a signal ends it; `configure_logging` sends logs to stderr (stdout is the stdio transport's wire)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from mcp.server import Server
 from mcp_rkllm import __version__
 from mcp_rkllm.config import Settings
 from mcp_rkllm.surfaces.http.app import http_app, protect, serve_http, sse_app
-from mcp_rkllm.surfaces.mcp.server import build_server
+from mcp_rkllm.surfaces.jsonrpc.protocol import Dispatcher
+from mcp_rkllm.surfaces.mcp.server import RkllmServer, build_server
 
 log = logging.getLogger("mcp_rkllm")
 
@@ -34,12 +35,34 @@ async def serve_stdio(server: Server[Any]) -> None:
 async def serve(settings: Settings) -> None:
     """Build the server and serve it on the configured transport until the client or a signal ends it."""
     server = build_server(settings)
+    if settings.transport == "jsonrpc":
+        from mcp_rkllm.surfaces.jsonrpc.unix import serve_jsonrpc
+
+        log.info("mcp-rkllm %s serving JSON-RPC", __version__)
+        await serve_jsonrpc(Dispatcher(server.registry, server.engine), settings.socket, settings.socket_mode,
+                            settings.max_request_bytes)
+        return
     where = "stdin/stdout" if settings.transport == "stdio" else (
         f"http://{settings.host}:{settings.port}" + ("/mcp" if settings.transport == "http" else "/sse"))
     log.info("mcp-rkllm %s serving %s on %s", __version__, settings.transport, where)
     if settings.transport == "stdio":
         await serve_stdio(server)
+    elif settings.transport == "http" and settings.socket:
+        await serve_http_and_socket(server, settings)
     elif settings.transport == "http":
         await serve_http(protect(http_app(server, settings), settings), settings)
     else:
         await serve_http(protect(sse_app(server, settings), settings), settings)
+
+
+async def serve_http_and_socket(server: RkllmServer, settings: Settings) -> None:
+    """Streamable HTTP and the JSON-RPC socket together, on one engine, until the HTTP server stops."""
+    import anyio
+
+    from mcp_rkllm.surfaces.jsonrpc.unix import serve_jsonrpc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(serve_jsonrpc, Dispatcher(server.registry, server.engine), settings.socket,
+                      settings.socket_mode, settings.max_request_bytes, False)  # uvicorn owns the signals
+        await serve_http(protect(http_app(server, settings), settings), settings)
+        tg.cancel_scope.cancel()

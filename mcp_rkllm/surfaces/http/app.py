@@ -1,5 +1,5 @@
-"""The HTTP app: Streamable HTTP (/mcp) or legacy SSE (/sse), /metrics, behind the bearer token,
-Host/Origin checks and the body-size limit. Later routes (JSON-RPC, OpenAI, Ollama) mount beside /mcp.
+"""The HTTP app: Streamable HTTP (/mcp) with JSON-RPC (/jsonrpc), or legacy SSE (/sse), /metrics, behind the
+bearer token, Host/Origin checks and the body-size limit. Later routes (OpenAI, Ollama) mount beside /mcp.
 """
 
 from __future__ import annotations
@@ -74,7 +74,16 @@ def http_app(server: RkllmServer, settings: Settings) -> Any:
     return DisconnectWatch(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
                                                       transport_security=transport_security(settings),
                                                       max_request_body_size=settings.max_request_bytes,
-                                                      custom_starlette_routes=[metrics_route(server, settings)]))
+                                                      custom_starlette_routes=[metrics_route(server, settings),
+                                                                               jsonrpc_route(server, settings)]))
+
+
+def jsonrpc_route(server: RkllmServer, settings: Settings) -> Any:
+    """POST /jsonrpc: the server's operations as JSON-RPC methods, on its engine (models shared with /mcp)."""
+    from mcp_rkllm.surfaces.jsonrpc.http import jsonrpc_route as route
+    from mcp_rkllm.surfaces.jsonrpc.protocol import Dispatcher
+
+    return route(Dispatcher(server.registry, server.engine), settings)
 
 
 def metrics_route(server: RkllmServer, settings: Settings) -> Any:

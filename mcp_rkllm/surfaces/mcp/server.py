@@ -111,6 +111,7 @@ class RkllmServer(Server[Engine]):
     """The low-level MCP Server, with the engine its tools share."""
 
     engine: Engine
+    registry: Registry
 
 
 def build_server(settings: Settings, runtime: Runtime | None = None, registry: Registry | None = None,
@@ -178,4 +179,5 @@ def build_server(settings: Settings, runtime: Runtime | None = None, registry: R
         on_list_resources=list_resources, on_read_resource=read_resource,
     )
     server.engine = engine
+    server.registry = registry
     return server
