@@ -185,11 +185,11 @@ def test_streaming_text_equals_the_result_fast_and_paced(server: Server, handle:
 
 def test_pipelined_requests_are_answered_by_id(server: Server, handle: str) -> None:
     with server.connect() as c:
-        lines = [{"jsonrpc": "2.0", "method": "rkllm.is_running", "params": [handle], "id": f"p{i}"}
-                 for i in range(20)]
+        lines: list[dict[str, Any]] = [{"jsonrpc": "2.0", "method": "rkllm.is_running", "params": [handle],
+                                        "id": f"p{i}"} for i in range(20)]
         lines.append({"jsonrpc": "2.0", "method": "server_status", "id": 99})
         c.send_raw(b"".join(json.dumps(m).encode() + b"\n" for m in lines))
-        seen = {}
+        seen: dict[Any, Any] = {}
         while len(seen) < len(lines):
             message = c.recv()
             seen[message["id"]] = message

@@ -131,4 +131,13 @@ async def serve_http(app: Any, settings: Settings) -> None:
 
     config = uvicorn.Config(app, host=settings.host.strip("[]"), port=settings.port,
                             log_level=settings.log_level.lower(), lifespan="on")
+    # uvicorn stops on SIGTERM/SIGINT, then raises the signal again for the handler it found installed: with
+    # the default one, the process would die there, before the caller's own cleanup (the JSON-RPC socket
+    # file). A handler that does nothing lets serve() return, and the process exit 0 after cleaning up.
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
     await uvicorn.Server(config).serve()
