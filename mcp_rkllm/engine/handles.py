@@ -184,6 +184,8 @@ class Handle:
     """A run is in progress (the engine's own record: reading it never calls into the runtime)."""
     runs: int = 0
     loaded_at: float = field(default_factory=time.time)
+    freed: bool = False
+    """A client freed it (rkllm_destroy / unload_model): its worker's exit is no crash."""
 
     def __post_init__(self) -> None:
         self.slot = Slot(self.id)

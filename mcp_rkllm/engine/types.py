@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mcp_rkllm.structs import (
+    Int32,
     RKLLMCrossAttnParam,
     RKLLMInferMode,
     RKLLMInferParam,
@@ -81,6 +82,10 @@ class RunParams(Params):
     rkllm_input: RKLLMInput = Field(description='What to run, e.g. {"prompt_input": "Hello"}.')
     rkllm_infer_params: RKLLMInferParam = Field(default_factory=lambda: RKLLMInferParam(),
                                                 description="Mode, LoRA, prompt cache, sampling, keep_history.")
+    output_rows: int = Field(0, ge=0, le=2**31 - 1, description=(
+        "Hidden-state and logits modes: return only the last N rows (1 = the last token's, what the next token is "
+        "sampled from); 0 = one row per input token. The rows returned (x width) are bounded by the server's "
+        "--max-output-floats: over it is LIMIT_EXCEEDED saying how many rows fit."))
 
 
 class RunToolResult(RunResult):
@@ -124,8 +129,8 @@ class RunningResult(Result):
 class ClearKvParams(Params):
     handle: HandleId
     keep_system_prompt: int = Field(1, ge=0, le=1, description="1 = keep the system prompt's KV entries.")
-    start_pos: list[int] | None = Field(None, description="Per batch: clear from here (1.2.1+; with end_pos).")
-    end_pos: list[int] | None = Field(None, description="Per batch: clear up to here, exclusive.")
+    start_pos: list[Int32] | None = Field(None, description="Per batch: clear from here (1.2.1+; with end_pos).")
+    end_pos: list[Int32] | None = Field(None, description="Per batch: clear up to here, exclusive.")
 
 
 class KvSizeResult(Result):
@@ -179,13 +184,17 @@ class ModelEntry(BaseModel):
     bundled: bool
     loadable: bool = Field(description="Whether the server's runtime can load this kind of file.")
     defaults: dict[str, Any] | None = None
+    link: str | None = Field(None, description="The symlink in a model root the model is listed as (`path` is "
+                                               "the file it points to).")
 
 
 class ListModelsResult(Result):
     models: list[ModelEntry]
     roots: list[str]
     runtime: str | None
-    problems: list[str] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list, description="Files under the roots that were skipped "
+                                "(dangling or looping symlinks, unreadable, linking outside the roots) or whose "
+                                "sidecar is broken.")
 
 
 class LoadModelParams(Params):

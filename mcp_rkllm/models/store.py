@@ -10,10 +10,17 @@ A name resolves as the full file name, the name without extension, or a unique p
 `MODEL_NOT_FOUND` listing what exists. A `<model>.json` file next to a model holds its defaults:
 RKLLMParam fields (e.g. `max_context_len`) and optionally `chat_template` (`system_prompt`,
 `prompt_prefix`, `prompt_postfix`) and `description`.
+
+A model is listed, resolved and loaded under the name of the file as it lies in the root, also
+when that file is a symlink (to a blob elsewhere in the roots, say); the path that loads is its
+target. What cannot be loaded is skipped, never fatal, and reported (`Scan.problems`, shown by
+list_models and doctor): a dangling link, a symlink loop, an unreadable file or directory, and a
+link that leads outside the roots (loading would refuse it).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mcp_rkllm.errors import RkllmError
+from mcp_rkllm.models.paths import inside, real_path
 from mcp_rkllm.structs import RKLLMParam
 
 MODEL_SUFFIXES = (".rkllm", ".gguf")
@@ -62,6 +70,13 @@ class ModelInfo:
     bundled: bool = False
     sidecar: Sidecar | None = None
     root: Path | None = None
+    link: Path | None = None
+    """The symlink in a root the model was found as (`path` is its target), or None for a plain file."""
+
+    @property
+    def file(self) -> str:
+        """The file name the model is listed and resolved by (the link's, for a symlink)."""
+        return (self.link or self.path).name
 
     @property
     def runtime(self) -> str:
@@ -70,9 +85,11 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description for list_models."""
-        out: dict[str, Any] = {"name": self.name, "file": self.path.name, "path": str(self.path), "kind": self.kind,
+        out: dict[str, Any] = {"name": self.name, "file": self.file, "path": str(self.path), "kind": self.kind,
                                "runtime": self.runtime, "size_bytes": self.size_bytes,
                                "size_mb": round(self.size_bytes / 2**20, 1), "bundled": self.bundled}
+        if self.link is not None:
+            out["link"] = str(self.link)
         if self.sidecar is not None:
             out["defaults"] = self.sidecar.model_dump(exclude_none=True, exclude_defaults=True)
         return out
@@ -111,8 +128,42 @@ def read_sidecar(model: Path) -> Sidecar | None:
         if top:
             data["param"] = {**top, **data.get("param", {})}
         return Sidecar.model_validate(data)
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, RecursionError) as exc:
         raise RkllmError("INVALID_PARAMS", detail=f"sidecar {path}: {exc}") from exc
+    except OSError as exc:
+        raise RkllmError("INVALID_PARAMS", detail=f"sidecar {path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something under the roots the store skipped or could only partly read."""
+
+    path: str
+    message: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One look at the roots: the models found and what was skipped."""
+
+    models: list[ModelInfo]
+    problems: list[Problem]
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why the file at `path` cannot be opened, in words."""
+    if isinstance(exc, RuntimeError) or (isinstance(exc, OSError) and exc.errno == errno.ELOOP):
+        return "a symlink loop"
+    if isinstance(exc, FileNotFoundError) and path.is_symlink():
+        return f"a dangling symlink (to {os.readlink(path)}, which does not exist)"
+    return _why(exc)
 
 
 @dataclass
@@ -126,36 +177,77 @@ class ModelStore:
     @classmethod
     def from_dirs(cls, dirs: list[str] | None, include_bundled: bool = True) -> ModelStore:
         """Roots from --models / MCP_RKLLM_MODELS, else the per-user default."""
-        roots = [Path(d).expanduser().resolve() for d in dirs] if dirs else [default_root()]
+        roots = [_real_or_same(Path(d).expanduser()) for d in dirs] if dirs else [default_root()]
         return cls(roots, include_bundled)
 
-    def models(self) -> list[ModelInfo]:
-        """Every model under the roots (sorted by name), then the bundled one."""
+    def allowed_roots(self, bundled: Path | None = None) -> list[Path]:
+        """Where model files may lie (symlinks resolved): the roots and the bundled model's directory.
+        The engine's path policy confines loads to the same list, so what is listed loads."""
+        bundled = bundled or bundled_model()
+        return [_real_or_same(r) for r in self.roots] + ([bundled.parent] if bundled is not None else [])
+
+    def scan(self) -> Scan:
+        """Every model under the roots (sorted by name), then the bundled one; and what was skipped."""
         found: dict[Path, ModelInfo] = {}
-        self._errors = []
+        problems: list[Problem] = []
+        installed = bundled_model()
+        allowed = self.allowed_roots(installed)
         for root in self.roots:
-            if not root.is_dir():
+            real_root = _real_or_same(root)
+            if not real_root.is_dir():
                 continue
-            for path in _walk(root):
-                real = path.resolve()
-                if real in found:
+            for path in _walk(real_root, problems):
+                info = self._model_at(path, real_root, allowed, problems)
+                if info is None:
                     continue
-                try:
-                    sidecar = read_sidecar(path)
-                except RkllmError as exc:
-                    self._errors.append(exc.message)
-                    sidecar = None
-                found[real] = ModelInfo(path.stem, real, path.suffix[1:], real.stat().st_size, sidecar=sidecar,
-                                        root=root)
+                seen = found.get(info.path)
+                if seen is None or (seen.link is not None and info.link is None):
+                    found[info.path] = info  # a file listed as itself rather than through a link to it
         out = sorted(found.values(), key=lambda m: m.name.lower())
-        bundled = bundled_model() if self.include_bundled else None
+        bundled = installed if self.include_bundled else None
         if bundled is not None and bundled not in found:
             out.append(ModelInfo(bundled.stem, bundled, "gguf", bundled.stat().st_size, bundled=True))
-        return out
+        return Scan(out, problems)
+
+    @staticmethod
+    def _model_at(path: Path, root: Path, allowed: list[Path], problems: list[Problem]) -> ModelInfo | None:
+        """The model at `path` (a file or link found under `root`), or None with the reason in `problems`."""
+        try:
+            real = real_path(path)
+            st = real.stat()
+        except (OSError, RuntimeError) as exc:  # dangling link, symlink loop (RuntimeError before 3.13), ...
+            problems.append(Problem(str(path), f"skipped {path}: {_unreadable(path, exc)}",
+                                    "Remove the file or fix the symlink so it points at a model file."))
+            return None
+        if not real.is_file():
+            problems.append(Problem(str(path), f"skipped {path}: {real} is not a regular file",
+                                    "Remove it, or put a model file there."))
+            return None
+        if not inside(real, allowed):
+            problems.append(Problem(str(path), f"skipped {path}: it links to {real}, outside the model roots",
+                                    "Move the model into a model root, or add its directory with --models."))
+            return None
+        if not os.access(real, os.R_OK):
+            problems.append(Problem(str(path), f"skipped {path}: the server cannot read it",
+                                    "Make the file readable by the user the server runs as."))
+            return None
+        try:
+            sidecar = read_sidecar(path)
+        except RkllmError as exc:
+            problems.append(Problem(str(path), exc.message, "Fix or remove the .json file next to the model."))
+            sidecar = None
+        link = path if real != path else None
+        return ModelInfo(path.stem, real, path.suffix[1:], st.st_size, sidecar=sidecar, root=root, link=link)
+
+    def models(self) -> list[ModelInfo]:
+        """Every model under the roots (sorted by name), then the bundled one (see `scan`)."""
+        scan = self.scan()
+        self._errors = [p.message for p in scan.problems]
+        return scan.models
 
     @property
     def problems(self) -> list[str]:
-        """Sidecar errors met by the last models() call."""
+        """What the last models() call skipped or could not read (a scan's own list is safer to use)."""
         return list(self._errors)
 
     def resolve(self, name: str) -> ModelInfo:
@@ -164,26 +256,43 @@ class ModelStore:
         wanted = name.strip().lower()
         if not wanted:
             raise RkllmError("INVALID_PARAMS", detail="the model name is empty")
-        exact = [m for m in models if wanted in (m.path.name.lower(), m.name.lower()) or str(m.path) == name]
-        prefix = [m for m in models if m.path.name.lower().startswith(wanted)]
+        exact = [m for m in models if wanted in (m.file.lower(), m.name.lower())
+                 or name in {str(p) for p in (m.path, m.link) if p is not None}]
+        prefix = [m for m in models if m.file.lower().startswith(wanted)]
         for hits in (exact, prefix):
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
                 raise RkllmError("MODEL_AMBIGUOUS", name=name,
-                                 candidates=[m.path.name for m in hits])
+                                 candidates=[m.file for m in hits])
         raise RkllmError("MODEL_NOT_FOUND", name=name,
-                         detail=f"; available: {', '.join(m.path.name for m in models) or 'none'} "
+                         detail=f"; available: {', '.join(m.file for m in models) or 'none'} "
                                 f"(roots: {', '.join(map(str, self.roots))})",
-                         available=[m.path.name for m in models])
+                         available=[m.file for m in models])
 
 
-def _walk(root: Path) -> list[Path]:
+def _real_or_same(path: Path) -> Path:
+    """`path` resolved, or as it is when it cannot be (a loop: it then holds no models)."""
+    try:
+        return real_path(path)
+    except (OSError, RuntimeError):
+        return path
+
+
+def _walk(root: Path, problems: list[Problem]) -> list[Path]:
+    """Candidate model files under `root` (not following linked directories), in a stable order;
+    directories that cannot be read are reported in `problems`."""
+
+    def unreadable(exc: OSError) -> None:
+        where = exc.filename or root
+        problems.append(Problem(str(where), f"skipped directory {where}: {_why(exc)}",
+                                "Make the directory readable by the user the server runs as, or remove it."))
+
     out: list[Path] = []
     base_depth = len(root.parts)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
         if len(Path(dirpath).parts) - base_depth >= MAX_DEPTH:
             dirnames[:] = []
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.extend(Path(dirpath) / f for f in filenames if f.endswith(MODEL_SUFFIXES))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(MODEL_SUFFIXES))
     return out
