@@ -4,9 +4,12 @@ the client or a signal ends it; `configure_logging` sends logs to stderr (stdout
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from typing import Any
 
+import anyio
 from mcp.server import Server
 
 from mcp_rkllm import __version__
@@ -24,12 +27,38 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-async def serve_stdio(server: Server[Any]) -> None:
-    """Serve one client on stdin/stdout."""
-    from mcp.server.stdio import stdio_server
+#: Requests in flight on stdio beyond what the engine itself lets wait (each loaded model's running call and
+#: its queue): a request blocked in a full queue never holds back the line that would cancel it.
+STDIO_SPARE_REQUESTS = 64
 
-    async with stdio_server() as (read, write):
-        await server.run(read, write, server.create_initialization_options())
+
+async def serve_stdio(server: Server[Any], settings: Settings) -> None:
+    """Serve one client on stdin/stdout until it leaves (EOF) or SIGTERM/SIGINT: then running generations
+    are aborted and every handle freed (the server's lifespan closes the engine) and this returns."""
+    from mcp_rkllm.surfaces.mcp.stdio import stdio_streams
+
+    in_flight = settings.max_loaded_models * (settings.max_queued_runs + 1) + STDIO_SPARE_REQUESTS
+    async with stdio_streams(max_line_bytes=settings.max_request_bytes, max_in_flight=in_flight,
+                             max_in_flight_bytes=2 * settings.max_request_bytes) as (read, write), \
+            anyio.create_task_group() as tg:
+        serving = anyio.CancelScope()
+        tg.start_soon(_stop_on_signals, serving)
+        with serving:
+            await server.run(read, write, server.create_initialization_options())
+        tg.cancel_scope.cancel()
+
+
+async def _stop_on_signals(serving: anyio.CancelScope) -> None:
+    """The first SIGTERM or SIGINT cancels `serving` (an orderly exit, code 0); a second one exits at once,
+    for a shutdown that hangs (the handler stays installed until the end, so it is never the default one)."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if serving.cancel_called:
+                log.warning("%s again: exiting without waiting for the shutdown", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            log.info("%s: aborting the running generations, freeing the handles, exiting",
+                     signal.Signals(signum).name)
+            serving.cancel()
 
 
 async def serve(settings: Settings) -> None:
@@ -46,7 +75,7 @@ async def serve(settings: Settings) -> None:
         f"http://{settings.host}:{settings.port}" + ("/mcp" if settings.transport == "http" else "/sse"))
     log.info("mcp-rkllm %s serving %s on %s", __version__, settings.transport, where)
     if settings.transport == "stdio":
-        await serve_stdio(server)
+        await serve_stdio(server, settings)
     elif settings.transport == "http" and settings.socket:
         await serve_http_and_socket(server, settings)
     elif settings.transport == "http":
