@@ -345,6 +345,17 @@ def test_fifty_malformed_inputs_get_the_right_codes_and_the_server_lives(server:
         assert fresh.result("server_status")["pid"] == server.proc.pid
 
 
+def test_a_lone_surrogate_reaches_c_as_a_replacement_character(server: Server, handle: str) -> None:
+    """JavaScript's JSON.stringify writes half an emoji as a lone surrogate escape: valid JSON, but no C
+    string can hold it. It arrives as U+FFFD instead of failing the call."""
+    with server.connect() as c:
+        c.send_raw(b'{"jsonrpc": "2.0", "method": "rkllm.run", "id": 1, "params": {"handle": "' + handle.encode()
+                   + b'", "prompt": "half \\ud83d emoji \\ud83d\\ude00 whole", "max_tokens": 2}}\n')
+        _, response = c.until(1)
+        assert "result" in response, response
+    assert server.fake.last("run")["input"]["prompt_input"] == "half \ufffd emoji \U0001f600 whole"
+
+
 def test_batches_and_notifications(server: Server, handle: str) -> None:
     with server.connect() as c:
         c.send([{"jsonrpc": "2.0", "method": "rkllm.is_running", "params": [handle], "id": 1},
@@ -437,3 +448,34 @@ def test_sigterm_aborts_runs_in_progress(tmp_path: Path) -> None:
         assert not sock.exists()
     finally:
         stop(proc)
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.mark.parametrize("client", ["python", "node"])
+def test_the_example_clients_stream_a_reply(server: Server, client: str) -> None:
+    import shutil
+    import sys
+
+    from tests.servers import REPO
+
+    if client == "node":
+        node = shutil.which("node")
+        if node is None:
+            if _ci():
+                pytest.fail("node is missing; CI installs it (.ci/run), so this test must run")
+            pytest.skip("node is not installed (the Node example needs it; .ci/run installs it)")
+        command = [node, str(REPO / "examples" / "jsonrpc_client.mjs")]
+    else:
+        command = [sys.executable, str(REPO / "examples" / "jsonrpc_client.py")]
+    for extra in (["--model-path", "m.rkllm"], ["--model", "other"]):
+        out = subprocess.run([*command, "--socket", str(server.socket), *extra, "--max-tokens", "6",
+                              "Hello there fake:delay_ms=5"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        text, _, summary = out.stdout.rpartition("\n[")
+        assert text.startswith("Hello there") and summary.startswith("6 tokens, finish_reason length]")
+    bad = subprocess.run([*command, "--socket", str(server.socket), "--model-path", "/etc/passwd", "x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "PATH_NOT_ALLOWED" in bad.stderr and "Hint:" in bad.stderr
