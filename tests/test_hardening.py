@@ -224,3 +224,61 @@ async def test_metrics_checks_host_and_origin_like_mcp(tmp_path: Path, transport
             assert good_origin.status_code == 200
     finally:
         stop(proc)
+
+
+@pytest.mark.slow  # a server process over HTTP
+async def test_malformed_http_requests_get_json_rpc_errors_and_the_session_goes_on(tmp_path: Path) -> None:
+    """The inputs stdio used to drop (tests/test_stdio_wire.py) each get a JSON-RPC error over Streamable HTTP
+    (the SDK parses with pydantic-core and answers id null: the HTTP response is the correlation), and the
+    session answers the next request. A lone surrogate is a parse error here (stdio replaces it); NaN, which
+    pydantic-core accepts, is served here (stdio answers -32700: it is not JSON)."""
+    import json
+
+    port = free_port()
+    proc = start_http_server("http", build_fake("1.3.0", "1.3.0"), tmp_path / "records", port,
+                             MCP_RKLLM_MAX_REQUEST_BYTES="65536")
+    url = f"http://127.0.0.1:{port}/mcp"
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+    def message_of(response: httpx.Response) -> dict[str, Any]:
+        text = response.text
+        if response.headers["content-type"].startswith("text/event-stream"):
+            text = next(line[5:] for line in text.splitlines() if line.startswith("data:") and line[5:].strip())
+        parsed: dict[str, Any] = json.loads(text)
+        return parsed
+
+    try:
+        async with httpx.AsyncClient(timeout=15) as http:
+            init = await http.post(url, headers=headers, json={
+                "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                    "protocolVersion": "2025-11-25", "capabilities": {},
+                    "clientInfo": {"name": "raw", "version": "0"}}})
+            assert init.status_code == 200
+            headers.update({"mcp-session-id": init.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"})
+            assert (await http.post(url, headers=headers, json={
+                "jsonrpc": "2.0", "method": "notifications/initialized"})).status_code == 202
+            deep = "[" * 200 + "]" * 200
+            cases = [
+                ('{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "rkllm_is_running", '
+                 '"arguments": {"handle": "half \\ud83d"}}}', -32700),
+                ('{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "rkllm_is_running", '
+                 '"arguments": {"handle": ' + deep + "}}}", -32700),
+                ('{"jsonrpc": "2.0", "id": 4, "method": "ping"', -32700),
+                ('[{"jsonrpc": "2.0", "id": 5, "method": "ping"}, {"jsonrpc": "2.0", "id": 6, "method": "ping"}]',
+                 -32602),
+                ('{"jsonrpc": "1.0", "id": 7, "method": "ping"}', -32602),
+                ('{"id": 8, "method": "ping"}', -32602),
+                ("42", -32602),
+            ]
+            for body, code in cases:
+                r = await http.post(url, headers=headers, content=body.encode())
+                assert r.status_code == 400, (body[:60], r.status_code, r.text)
+                error = message_of(r)
+                assert error["jsonrpc"] == "2.0" and error["id"] is None and error["error"]["code"] == code, error
+            big = await http.post(url, headers=headers, content=b'{"jsonrpc": "2.0", "id": 10, "method": "ping", '
+                                                                 b'"params": {"pad": "' + b"x" * 70_000 + b'"}}')
+            assert big.status_code == 413
+            pong = await http.post(url, headers=headers, json={"jsonrpc": "2.0", "id": 11, "method": "ping"})
+            assert pong.status_code == 200 and message_of(pong) == {"jsonrpc": "2.0", "id": 11, "result": {}}
+    finally:
+        stop(proc)
