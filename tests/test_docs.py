@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from mcp_rkllm.errors.table import markdown_table
+from mcp_rkllm.surfaces.jsonrpc.openrpc import markdown_table as jsonrpc_table
 from mcp_rkllm.surfaces.registry import build_registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ def test_readme_tables_are_generated_from_the_code() -> None:
     text = README.read_text()
     expected = _section("tools", build_registry().markdown_table(), text)
     expected = _section("errors", markdown_table(), expected)
+    expected = _section("jsonrpc", jsonrpc_table(build_registry()), expected)
     if os.environ.get("UPDATE_DOCS") == "1":
         README.write_text(expected)
         text = expected

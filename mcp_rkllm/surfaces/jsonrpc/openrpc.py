@@ -20,7 +20,7 @@ from mcp_rkllm.surfaces.jsonrpc.protocol import CALLBACK_METHOD, INVALID_PARAMS,
 
 if TYPE_CHECKING:
     from mcp_rkllm.surfaces.jsonrpc.protocol import Dispatcher
-    from mcp_rkllm.surfaces.registry import OperationSpec
+    from mcp_rkllm.surfaces.registry import OperationSpec, Registry
 
 OPENRPC_VERSION = "1.3.2"
 
@@ -107,3 +107,22 @@ def document(dispatcher: Dispatcher) -> dict[str, Any]:
         "methods": methods,
         "components": {"schemas": shared, "errors": _errors()},
     }
+
+
+def markdown_table(registry: Registry) -> str:
+    """The README's JSON-RPC method table: each method, its positional form (C order; `null` for the slots the
+    server owns), whether it streams `rkllm.callback` notifications, and what it does."""
+    lines = ["| method | positional params (C order) | streams | what it does |", "|---|---|---|---|"]
+    for spec in registry.specs.values():
+        if spec.c_function is not None:
+            slots = ", ".join(target if target is not None else f"null ({c_name})" for c_name, target in spec.c_params)
+            positional = f"`[{slots}]`"
+        else:
+            positional = "by name only"
+        lines.append(f"| `{method_name(spec.name)}` | {positional} | {'yes' if spec.streams else 'no'} | "
+                     f"{spec.description.splitlines()[0]} |")
+    lines.append("| `rpc.discover` | `[]` | no | This table as an OpenRPC 1.3 document, with params and result schemas "
+                 "and the error table. |")
+    lines.append('| `$/cancelRequest` | by name: `{"id": ...}` | no | Cancel one request of this connection (a '
+                 "notification; the request answers CANCELLED). |")
+    return "\n".join(lines)
