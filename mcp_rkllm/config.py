@@ -137,7 +137,8 @@ class Settings(BaseSettings):
     max_queued_runs: int = _setting(
         16, "Calls waiting for one busy handle at once; more are refused at once.", "limits", metavar="N", ge=1)
     max_request_bytes: int = _setting(
-        16 << 20, "Largest HTTP request body, in bytes (HTTP 413 beyond).", "limits", metavar="BYTES", ge=1)
+        16 << 20, "Largest request, in bytes: an HTTP body (HTTP 413 beyond), or a line on stdio or the JSON-RPC "
+                  "socket (answered -32600).", "limits", metavar="BYTES", ge=1)
 
     @classmethod
     def settings_customise_sources(
