@@ -18,6 +18,11 @@ Rows (targets from the benchmarks issue):
      through the public surface: the median time of `rkllm_init` over stdio with `--isolation
      process` minus the same with `--isolation none` (fake runtime, several loads each, each
      followed by `rkllm_destroy`). No target; compare runs before and after a change.
+  8. JSON-RPC 2.0 on its Unix socket (`--transport jsonrpc --socket PATH`), side by side with MCP over
+     stdio in the same run, through an asyncio client reading lines: relay capacity (tokens/s reaching
+     the client's `rkllm.callback` handling, as R2) with socket / stdio >= 1.0; latency at 40 tokens/s
+     (as row 2) with p50 no higher than stdio's; per-call time of `rkllm.is_running` vs row 3's
+     `rkllm_is_running` (no target).
 
 The fake runtime (tests/fake_rkllm) stands in for the NPU; it is built with gcc on first use.
 The servers started here get limits that allow what the rows ask for (MAX_NEW_TOKENS below).
@@ -27,14 +32,17 @@ The servers started here get limits that allow what the rows ask for (MAX_NEW_TO
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -375,6 +383,157 @@ async def init_times(library: Path, model: Path, records: Path, isolation: str, 
     return times
 
 
+# --------------------------------------------------------------------------- row 8
+
+
+class RpcClient:
+    """An asyncio JSON-RPC client on the server's Unix socket: one JSON message per line each way."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.next_id = 0
+
+    @classmethod
+    async def open(cls, path: Path) -> RpcClient:
+        # a whole run's result (every token's text and id) is one line: allow lines of many MB
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 28)
+        return cls(reader, writer)
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+    async def call(self, method: str, params: Any,
+                   on_callback: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        """Send one request; hand each `rkllm.callback` to `on_callback`; the result (an error fails)."""
+        self.next_id += 1
+        request_id = self.next_id
+        self.writer.write(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method,
+                                      "params": params}).encode() + b"\n")
+        await self.writer.drain()
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise EOFError("the server closed the connection")
+            message = json.loads(line)
+            if message.get("method") == "rkllm.callback":
+                if on_callback is not None:
+                    on_callback(message["params"])
+            elif message.get("id") == request_id:
+                assert "result" in message, message
+                return message["result"]
+
+
+async def start_socket_server(library: Path, records: Path, socket_path: Path) -> subprocess.Popen[bytes]:
+    """`python -m mcp_rkllm --transport jsonrpc --socket PATH`, same settings as the stdio servers of rows 1-3."""
+    params = server_params(library, records, "--transport", "jsonrpc", "--socket", str(socket_path),
+                           "--isolation", "none")
+    proc = subprocess.Popen([params.command, *params.args], env=params.env, cwd=str(REPO),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the JSON-RPC server exited with status {proc.returncode}")
+        if socket_path.exists():
+            try:
+                client = await RpcClient.open(socket_path)
+            except OSError:
+                pass
+            else:
+                await client.close()
+                return proc
+        await anyio.sleep(0.05)
+    stop_server(proc)
+    raise RuntimeError("the JSON-RPC server did not create its socket")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server aborts its runs, frees its handles, removes its socket), then reap it."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+async def rpc_load(client: RpcClient, model: Path, **param: Any) -> str:
+    return str((await client.call("rkllm.init", [None, {"model_path": str(model), **param}, None]))["handle"])
+
+
+async def socket_rate(client: RpcClient, model: Path, tokens: int) -> tuple[float, float, int]:
+    """As `stdio_rate`, over the socket: tokens/s reaching the client's callback handling (call start to the
+    last RKLLM_RUN_NORMAL callback), tokens/s of the whole call (its result parsed), and the callbacks."""
+    handle = await rpc_load(client, model, max_new_tokens=tokens)
+    received = [0]
+    last = [0.0]
+    notes = [0]
+
+    def on_callback(params: dict[str, Any]) -> None:
+        if params["state"] == "RKLLM_RUN_NORMAL":
+            received[0] += len(params["token_ids"])
+            last[0] = time.perf_counter()
+            notes[0] += 1
+
+    await client.call("rkllm.run", [handle, {"prompt_input": "warm up"}, {"max_new_tokens": 1000}, None])
+    started = time.perf_counter()
+    result = await client.call("rkllm.run", [handle, {"prompt_input": "tok en"}, None, None], on_callback)
+    elapsed = time.perf_counter() - started
+    await client.call("rkllm.destroy", [handle])
+    assert received[0] == tokens == len(result["token_ids"]), (received[0], len(result["token_ids"]))
+    return tokens / (last[0] - started), tokens / elapsed, notes[0]
+
+
+async def socket_stamp_latency(client: RpcClient, model: Path, tokens: int) -> list[float]:
+    """As `stamp_latency`, over the socket: ms from the fake's callback to the client's, per token, at 40 tokens/s."""
+    handle = await rpc_load(client, model, max_new_tokens=tokens)
+    latencies: list[float] = []
+
+    def on_callback(params: dict[str, Any]) -> None:
+        now = time.monotonic_ns()
+        latencies.extend((now - int(s)) / 1e6 for s in params["text"].split())
+
+    await client.call("rkllm.run", [handle, {"prompt_input": "fake:stamp fake:delay_ms=25"}, None, None],
+                      on_callback)
+    await client.call("rkllm.destroy", [handle])
+    return latencies[5:]  # the first tokens pay for warm-up
+
+
+async def socket_call_times(client: RpcClient, model: Path, n: int) -> list[float]:
+    """ms of `rkllm.is_running` over the socket, after 20 warm-up calls (as `call_times`)."""
+    handle = await rpc_load(client, model)
+    for _ in range(20):
+        await client.call("rkllm.is_running", [handle])
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        await client.call("rkllm.is_running", [handle])
+        times.append((time.perf_counter() - started) * 1000)
+    await client.call("rkllm.destroy", [handle])
+    return times
+
+
+async def jsonrpc_rows(library: Path, model: Path, records: Path, quick: bool) -> tuple[
+        tuple[float, float, int], list[float], list[float]]:
+    """Row 8's measurements on one socket server (stopped at the end): capacity, latencies, call times."""
+    socket_path = Path(tempfile.mkdtemp(prefix="mcp-rkllm-sock-")) / "rpc.sock"
+    proc = await start_socket_server(library, records, socket_path)
+    try:
+        client = await RpcClient.open(socket_path)
+        try:
+            rate = await socket_rate(client, model, 100_000 if quick else 300_000)
+            lat = await socket_stamp_latency(client, model, 120 if quick else 240)
+            calls = await socket_call_times(client, model, 500 if quick else 1000)
+        finally:
+            await client.close()
+    finally:
+        stop_server(proc)
+        with contextlib.suppress(OSError):
+            socket_path.parent.rmdir()  # the server removed its socket file on SIGTERM
+    return rate, lat, calls
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -445,6 +604,19 @@ async def main(args: argparse.Namespace) -> int:
     worker = statistics.median(await init_times(library, model, records, "process", loads))
     row("7 worker start-up (spawn to ready)", f"{worker - in_process:,.0f} ms (rkllm_init {worker:,.0f} vs "
         f"{in_process:,.0f} ms, median of {loads})", "", None)
+    (r8, whole8, notes8), lat8, calls8 = await jsonrpc_rows(library, model, records, args.quick)
+    row("8 R2 over the JSON-RPC socket", f"{r8:,.0f} tokens/s ({notes8} notifications)", "", None)
+    row("8 capacity, socket / stdio (row 1 R2)", f"{r8:,.0f} vs {r2:,.0f} tokens/s = {r8 / r2:.2f}", ">= 1.0",
+        r8 / r2 >= 1.0)
+    row("8 (whole call incl. the final result)", f"{whole8:,.0f} vs {whole:,.0f} tokens/s = {whole8 / whole:.2f}",
+        "", None)
+    s50, s99 = pct(lat8, 50), pct(lat8, 99)
+    row("8 latency at 40 tokens/s, socket, p50 / p99", f"{s50:.2f} / {s99:.2f} ms ({len(lat8)} tokens)",
+        "p50 <= stdio p50", s50 <= p50)
+    row("8 latency socket - stdio (row 2), p50 / p99", f"{s50 - p50:+.2f} / {s99 - p99:+.2f} ms", "", None)
+    rpc_call = statistics.median(calls8)
+    row("8 rkllm.is_running socket vs stdio (median)", f"{rpc_call:.3f} vs {ours:.3f} ms = {rpc_call / ours:.2f}x",
+        "", None)
     missed = [r for r in ROWS if r[3] is False]
     print(f"\n{len(ROWS)} rows, {len(missed)} missed", flush=True)
     return 0
