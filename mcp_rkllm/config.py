@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 Transport = Literal["stdio", "http", "sse", "jsonrpc"]
+HttpApi = Literal["openai", "ollama", "rockchip", "jsonrpc"]
 RuntimeChoice = Literal["auto", "native", "cpu"]
 Isolation = Literal["auto", "process", "none"]
 Abi = Literal["1.2.0", "1.2.1", "1.3.0"]
@@ -105,6 +106,13 @@ class Settings(BaseSettings):
     allowed_hosts: tuple[str, ...] = _setting(
         (), "Host headers accepted on a non-loopback address (host or host:port).", "serving",
         shown="any (the token guards)", metavar="HOST", separator=",")
+    api: tuple[HttpApi, ...] = _setting(
+        ("openai", "ollama", "rockchip", "jsonrpc"), "HTTP surfaces mounted beside `/mcp` (`--transport http`): "
+        "`openai` (`/v1`), `ollama` (`/api`), `rockchip` (RockchipLlama's `/v1/models/...` and `/v1/health`), "
+        "`jsonrpc` (`/jsonrpc`).", "serving", shown="all four", metavar="API", separator=",")
+    cors_origin: tuple[str, ...] = _setting(
+        (), "Browser origins allowed to call the HTTP APIs (CORS), e.g. `http://localhost:3000`; `*` for any.",
+        "serving", shown="none (CORS off)", metavar="ORIGIN", separator=",")
     log_level: LogLevel = _setting(
         "INFO", "Level of the server's log on stderr: `DEBUG`, `INFO`, `WARNING` or `ERROR`.", "serving")
 

@@ -81,8 +81,12 @@ def _sample(spec: SettingSpec, other: bool = False) -> tuple[Any, list[str]]:
     if spec.choices:
         choices = [c for c in spec.choices if c != spec.default]
         value: Any = choices[1 if other and len(choices) > 1 else 0]
+    elif spec.name == "api":
+        value = ("ollama",) if other else ("openai", "jsonrpc")
     elif spec.repeatable:
         value = ("c",) if other else ("a", "b")
+    elif spec.name == "socket_mode":
+        value = "0640" if other else "0660"
     elif spec.name == "auth_token":
         value = ("t" if other else "s") * 20
     elif spec.name == "host":
@@ -189,7 +193,7 @@ def test_choices_ignore_case() -> None:
 
 
 def test_list_settings_are_split_in_the_environment() -> None:
-    assert set(LIST_SETTINGS) == {"models", "allowed_hosts"}
+    assert set(LIST_SETTINGS) == {"models", "allowed_hosts", "api", "cors_origin"}
     sep = os.pathsep  # paths as in PATH; hosts by commas, since host:port and IPv6 addresses hold colons
     s = Settings.load({}, {"MCP_RKLLM_MODELS": f"/a{sep}{sep}/b{sep}",
                            "MCP_RKLLM_ALLOWED_HOSTS": "x.lan, y.lan:8000,,[::1]:80"})
@@ -206,7 +210,7 @@ def test_list_settings_are_split_in_the_environment() -> None:
     ({"MCP_RKLLM_TRANSPORT": "http", "MCP_RKLLM_HOST": "0.0.0.0", "MCP_RKLLM_AUTH_TOKEN": "short"}, "16 characters"),
     ({"MCP_RKLLM_MAX_PROMPT_BYTES": "0"}, "max_prompt_bytes must be at least 1"),
     ({"MCP_RKLLM_MAX_REQUEST_BYTES": "-5"}, "max_request_bytes must be at least 1"),
-    ({"MCP_RKLLM_TRANSPORT": "carrier-pigeon"}, "transport must be 'stdio', 'http' or 'sse'"),
+    ({"MCP_RKLLM_TRANSPORT": "carrier-pigeon"}, "transport must be 'stdio', 'http', 'sse' or 'jsonrpc'"),
     ({"RKLLM_ABI": "2.0"}, "RKLLM_ABI='2.0': abi must be"),
     ({"MCP_RKLLM_BUSY_TIMEOUT": "-1"}, "busy_timeout must be at least 0"),
     ({"MCP_RKLLM_ABORT_TIMEOUT": "0"}, "abort_timeout must be more than 0"),

@@ -65,17 +65,31 @@ class BearerAuth:
 
 
 def protect(app: Any, settings: Settings) -> Any:
-    """The app behind the bearer-token check when a token is set."""
-    return BearerAuth(app, settings.auth_token) if settings.auth_token else app
+    """The app behind the bearer-token check when a token is set, and CORS in front when origins are allowed
+    (in front: a browser's pre-flight OPTIONS carries no token)."""
+    if settings.auth_token:
+        app = BearerAuth(app, settings.auth_token)
+    if settings.cors_origin:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app = CORSMiddleware(app, allow_origins=list(settings.cors_origin), allow_methods=["*"], allow_headers=["*"],
+                             expose_headers=["mcp-session-id", "retry-after"])
+    return app
 
 
 def http_app(server: RkllmServer, settings: Settings) -> Any:
-    """The Streamable HTTP app (endpoint /mcp) with Host/Origin checks and the body-size limit."""
-    return DisconnectWatch(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
+    """The Streamable HTTP app (endpoint /mcp) with Host/Origin checks and the body-size limit, and beside it the
+    HTTP APIs `settings.api` names (JSON-RPC, OpenAI, Ollama, RockchipLlama), all on the server's engine."""
+    from mcp_rkllm.surfaces.api import api_routes
+
+    routes = [metrics_route(server, settings), *api_routes(server.registry, server.engine, settings)]
+    if "jsonrpc" in settings.api:
+        routes.append(jsonrpc_route(server, settings))
+    app: Any = DisconnectWatch(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
                                                       transport_security=transport_security(settings),
                                                       max_request_body_size=settings.max_request_bytes,
-                                                      custom_starlette_routes=[metrics_route(server, settings),
-                                                                               jsonrpc_route(server, settings)]))
+                                                      custom_starlette_routes=routes))
+    return app
 
 
 def jsonrpc_route(server: RkllmServer, settings: Settings) -> Any:

@@ -1,0 +1,343 @@
+"""The Ollama-compatible API under `/api` (what Open WebUI, the `ollama` client, Home Assistant use).
+
+Models are published as `name:latest`; `name`, `name:latest` and `namespace/name[:tag]` resolve alike.
+`/api/chat` and `/api/generate` stream NDJSON by default (`"stream": false` for one object); every line
+has `message` (chat), the last has `done: true`, `done_reason` and the durations in integer nanoseconds
+from the runtime's perf stats. An empty prompt (or no messages) loads the model (`done_reason: "load"`);
+with `keep_alive: 0` it unloads it (`"unload"`), and `keep_alive: 0` on a generation unloads after it.
+Other keep_alive values keep the model loaded (this server does not expire models yet: `/api/ps` says so
+with a far-future `expires_at`). Options the runtime cannot honour (`seed`, `stop`) and tools are a 400
+naming them; unknown options are ignored, as Ollama does. `/api/pull` downloads nothing: a model that is
+here answers success, another 404 naming the model directories.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from mcp_rkllm.engine import Progress, Stream
+from mcp_rkllm.errors import RkllmError
+from mcp_rkllm.models.store import ModelInfo
+from mcp_rkllm.surfaces.api.common import Api, BadRequest, dumped, mtime, sampling, tagged, unsupported
+from mcp_rkllm.surfaces.api.errors import http_error
+from mcp_rkllm.surfaces.api.streaming import ClientGone, Emit, LiveStream, while_connected
+
+#: The Ollama API level emulated (Open WebUI parses it as integers and gates features on it).
+OLLAMA_VERSION = "0.9.0"
+
+#: Reported as the expiry of a model that stays loaded until it is unloaded.
+FOREVER = "2999-12-31T23:59:59Z"
+
+_OPTION_UNSUPPORTED = {"seed": "the runtimes take no seed (use temperature 0 for repeatable output)",
+                       "stop": "stop sequences are not supported yet"}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def error_response(error: RkllmError) -> JSONResponse:
+    """A table error as Ollama sends errors: `{"error": "..."}` with the status from the one table."""
+    h = http_error(error)
+    headers = {"retry-after": str(h.retry_after)} if h.retry_after else {}
+    return JSONResponse({"error": f"{error.code}: {error.message}"}, status_code=h.status, headers=headers)
+
+
+def _ns(ms: float) -> int:
+    return int(ms * 1_000_000)
+
+
+def _details(model: ModelInfo) -> dict[str, Any]:
+    family = "unknown"  # model families arrive with the reasoning/tool-call parsing (issue 15)
+    return {"parent_model": "", "format": model.kind.lstrip("."), "family": family, "families": [family],
+            "parameter_size": "", "quantization_level": ""}
+
+
+def _digest(model: ModelInfo) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{model.path}:{model.size_bytes}:{mtime(model)}".encode()).hexdigest()
+
+
+class OllamaRoutes:
+    """The `/api` routes over one Api."""
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    def routes(self) -> list[Route]:
+        g = self._guarded
+        return [Route("/", self.root, methods=["GET", "HEAD"]),
+                Route("/api/version", g(self.version), methods=["GET", "HEAD"]),
+                Route("/api/tags", g(self.tags), methods=["GET", "HEAD"]),
+                Route("/api/ps", g(self.ps), methods=["GET"]),
+                Route("/api/show", g(self.show), methods=["POST"]),
+                Route("/api/generate", g(self.generate), methods=["POST"]),
+                Route("/api/chat", g(self.chat), methods=["POST"]),
+                Route("/api/embed", g(self.embed), methods=["POST"]),
+                Route("/api/embeddings", g(self.embeddings), methods=["POST"]),
+                Route("/api/pull", g(self.pull), methods=["POST"])]
+
+    def _guarded(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            refused = await self.api.refused(request)
+            if refused is not None:
+                return refused
+            try:
+                return await handler(request)
+            except BadRequest as exc:
+                return JSONResponse({"error": exc.message}, status_code=exc.status)
+            except RkllmError as exc:
+                return error_response(exc)
+            except ClientGone:
+                return Response(status_code=499)
+
+        return endpoint
+
+    async def root(self, request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": OLLAMA_VERSION})
+
+    # ------------------------------------------------------------------ models
+
+    def _entry(self, model: ModelInfo) -> dict[str, Any]:
+        name = tagged(model)
+        modified = datetime.fromtimestamp(mtime(model), UTC).isoformat().replace("+00:00", "Z")
+        return {"name": name, "model": name, "modified_at": modified, "size": model.size_bytes,
+                "digest": _digest(model), "details": _details(model)}
+
+    async def tags(self, request: Request) -> Response:
+        return JSONResponse({"models": [self._entry(m) for m in await self.api.models()]})
+
+    async def ps(self, request: Request) -> Response:
+        loaded = self.api.loaded_names()
+        running = []
+        for model in await self.api.models():
+            handle = loaded.get(str(model.path))
+            if handle is None:
+                continue
+            h = self.api.engine.handles[handle]
+            running.append({**self._entry(model), "expires_at": FOREVER, "size_vram": model.size_bytes,
+                            "context_length": h.param.max_context_len or 0, "handle": handle})
+        return JSONResponse({"models": running})
+
+    async def show(self, request: Request) -> Response:
+        body = await self.api.body(request)
+        info = await self.api.resolve(str(body.get("model") or body.get("name") or ""))
+        loaded = self.api.loaded_names().get(str(info.path))
+        context = self.api.engine.handles[loaded].param.max_context_len if loaded else None
+        details = _details(info)
+        arch = details["family"]
+        model_info: dict[str, Any] = {"general.architecture": arch, "general.file": info.file,
+                                      "general.runtime": info.runtime}
+        if context:
+            model_info[f"{arch}.context_length"] = context
+        defaults = info.sidecar.param.model_dump(exclude_none=True) if info.sidecar is not None else {}
+        parameters = "\n".join(f"{k} {v}" for k, v in defaults.items() if not isinstance(v, dict))
+        return JSONResponse({"modelfile": f"# {info.file} ({info.runtime} runtime)\nFROM {info.path}\n",
+                             "parameters": parameters, "template": "", "details": details,
+                             "model_info": model_info, "capabilities": ["completion"],
+                             "modified_at": self._entry(info)["modified_at"]})
+
+    async def pull(self, request: Request) -> Response:
+        body = await self.api.body(request)
+        name = str(body.get("model") or body.get("name") or "")
+        try:
+            await self.api.resolve(name)
+        except RkllmError as exc:
+            if exc.code != "MODEL_NOT_FOUND":
+                raise
+            roots = ", ".join(str(r) for r in self.api.engine.store.roots) or "(no model directory)"
+            return JSONResponse({"error": f"model '{name}' not found; this server does not download models: put "
+                                          f".rkllm / .gguf files in {roots} (or start it with --models DIR)"},
+                                status_code=404)
+        if body.get("stream", True):
+            lines = [{"status": "pulling manifest"}, {"status": "success"}]
+            return Response("".join(json.dumps(line) + "\n" for line in lines), media_type="application/x-ndjson")
+        return JSONResponse({"status": "success"})
+
+    # ------------------------------------------------------------------ generation
+
+    def _arguments(self, body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("tools"):
+            raise unsupported("tools", "function tools are not supported on this surface yet")
+        if body.get("format"):
+            raise unsupported("format", "structured output (format) is not supported")
+        if body.get("images"):
+            raise unsupported("images", "images need a vision model, which this server cannot run yet")
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise unsupported("options", "must be an object")
+        for name, why in _OPTION_UNSUPPORTED.items():
+            if options.get(name) not in (None, [], ""):
+                raise unsupported(f"options.{name}", why)
+        args: dict[str, Any] = {**self.api.model_ref(body.get("model")), **sampling(options)}
+        predict = options.get("num_predict")
+        if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0:
+            args["max_new_tokens"] = predict
+        return args
+
+    async def _loaded_before(self, ref: dict[str, str]) -> bool:
+        if "handle" in ref:
+            return True
+        info = await self.api.resolve(ref["model"])
+        return str(info.path) in self.api.loaded_names()
+
+    async def _load_or_unload(self, body: dict[str, Any], chat: bool) -> Response:
+        """An empty prompt / no messages: load the model, or unload it with keep_alive 0."""
+        ref = self.api.model_ref(body.get("model"))
+        base = {"model": body.get("model"), "created_at": _now(), "done": True}
+        extra = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+        if body.get("keep_alive") in (0, "0", "0s", "0m"):
+            if "handle" in ref:
+                await self.api.invoke("unload_model", {"handle": ref["handle"]})
+            else:
+                info = await self.api.resolve(ref["model"])
+                await self.api.invoke("unload_model", {"model": info.name})
+            return JSONResponse({**base, **extra, "done_reason": "unload"})
+        if "handle" not in ref:
+            info = await self.api.resolve(ref["model"])
+            if str(info.path) not in self.api.loaded_names():
+                await self.api.invoke("load_model", {"model": info.name})
+        return JSONResponse({**base, **extra, "done_reason": "load"})
+
+    def _final(self, data: dict[str, Any], started: float, load_s: float) -> dict[str, Any]:
+        perf = data.get("perf") or {}
+        total = time.monotonic() - started
+        return {"done": True, "done_reason": "length" if data["finish_reason"] == "length" else "stop",
+                "total_duration": int(total * 1e9), "load_duration": int(load_s * 1e9),
+                "prompt_eval_count": int(perf.get("prefill_tokens") or 0),
+                "prompt_eval_duration": _ns(perf.get("prefill_time_ms") or 0.0),
+                "eval_count": int(data["token_count"]),
+                "eval_duration": _ns(perf.get("generate_time_ms") or 0.0) or int(max(total - load_s, 0) * 1e9)}
+
+    async def _unload_after(self, body: dict[str, Any], data: dict[str, Any]) -> None:
+        if body.get("keep_alive") in (0, "0", "0s", "0m"):
+            await self.api.invoke("unload_model", {"handle": data["handle"]})
+
+    async def _run(self, request: Request, body: dict[str, Any], operation: str, args: dict[str, Any],
+                   chat: bool) -> Response:
+        started = time.monotonic()
+        loaded_before = await self._loaded_before({k: v for k, v in args.items() if k in ("handle", "model")})
+        model = body.get("model")
+
+        def line(text: str) -> dict[str, Any]:
+            head = {"model": model, "created_at": _now()}
+            return {**head, "message": {"role": "assistant", "content": text}} if chat else {**head, "response": text}
+
+        def load_seconds(data: dict[str, Any]) -> float:
+            # The first token cannot come before the model is loaded: the time to it, minus the prefill.
+            if loaded_before:
+                return 0.0
+            perf = data.get("perf") or {}
+            wall = time.monotonic() - started
+            return max(wall - ((perf.get("prefill_time_ms") or 0) + (perf.get("generate_time_ms") or 0)) / 1000, 0.0)
+
+        if not body.get("stream", True):
+            data = dumped(await while_connected(request.receive, lambda: self.api.invoke(operation, args)))
+            await self._unload_after(body, data)
+            return JSONResponse({**line(data["text"]), **self._final(data, started, load_seconds(data))})
+
+        async def produce(emit: Emit) -> None:
+            async def sink(update: Progress) -> None:
+                await emit(json.dumps(line(update.text), ensure_ascii=False).encode() + b"\n")
+
+            sent = False
+
+            async def counting(update: Progress) -> None:
+                nonlocal sent
+                sent = True
+                await sink(update)
+
+            try:
+                result = await self.api.invoke(operation, args, Stream(counting))
+            except RkllmError as exc:
+                if not sent:
+                    raise
+                await emit(json.dumps({"error": f"{exc.code}: {exc.message}"}).encode() + b"\n")
+                return
+            data = dumped(result)
+            await self._unload_after(body, data)
+            final = {**line(""), **self._final(data, started, load_seconds(data))}
+            await emit(json.dumps(final, ensure_ascii=False).encode() + b"\n")
+
+        return LiveStream(produce, "application/x-ndjson", error_response=error_response)
+
+    async def generate(self, request: Request) -> Response:
+        body = await self.api.body(request)
+        prompt = body.get("prompt")
+        if prompt in (None, ""):
+            return await self._load_or_unload(body, chat=False)
+        if not isinstance(prompt, str):
+            raise unsupported("prompt", "must be a string")
+        args = self._arguments(body)
+        if body.get("system"):
+            messages = [{"role": "system", "content": str(body["system"])}, {"role": "user", "content": prompt}]
+            return await self._run(request, body, "chat", {**args, "messages": messages}, chat=False)
+        return await self._run(request, body, "generate", {**args, "prompt": prompt}, chat=False)
+
+    async def chat(self, request: Request) -> Response:
+        body = await self.api.body(request)
+        messages = body.get("messages")
+        if not messages:
+            return await self._load_or_unload(body, chat=True)
+        if not isinstance(messages, list):
+            raise unsupported("messages", "must be a list")
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise unsupported(f"messages[{i}]", "must be an object")
+            if m.get("images"):
+                raise unsupported(f"messages[{i}].images", "images need a vision model, which this server cannot run "
+                                                           "yet")
+            if m.get("tool_calls"):
+                raise unsupported(f"messages[{i}].tool_calls", "function tools are not supported on this surface yet")
+            turns.append({"role": m.get("role"), "content": m.get("content") if m.get("content") is not None else ""})
+        return await self._run(request, body, "chat", {**self._arguments(body), "messages": turns}, chat=True)
+
+    # ------------------------------------------------------------------ embeddings
+
+    async def _vectors(self, request: Request, body: dict[str, Any], texts: list[str]) -> tuple[list[Any], int]:
+        ref = self.api.model_ref(body.get("model"))
+        vectors: list[Any] = []
+        tokens = 0
+
+        async def run() -> None:
+            nonlocal tokens
+            for text in texts:
+                result = dumped(await self.api.invoke("embed", {**ref, "text": text}))
+                vectors.append(result["embedding"])
+                tokens += result["tokens"]
+
+        await while_connected(request.receive, run)
+        return vectors, tokens
+
+    async def embed(self, request: Request) -> Response:
+        body = await self.api.body(request)
+        started = time.monotonic()
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise unsupported("input", "must be a non-empty string or a list of non-empty strings")
+        vectors, tokens = await self._vectors(request, body, texts)
+        return JSONResponse({"model": body.get("model"), "embeddings": vectors,
+                             "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
+                             "prompt_eval_count": tokens})
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await self.api.body(request)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise unsupported("prompt", "a non-empty string is required")
+        vectors, _ = await self._vectors(request, body, [prompt])
+        return JSONResponse({"embedding": vectors[0]})
