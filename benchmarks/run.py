@@ -23,6 +23,13 @@ Rows (targets from the benchmarks issue):
      the client's `rkllm.callback` handling, as R2) with socket / stdio >= 1.0; latency at 40 tokens/s
      (as row 2) with p50 no higher than stdio's; per-call time of `rkllm.is_running` vs row 3's
      `rkllm_is_running` (no target).
+  9. the HTTP APIs' streams (`--transport http --port P`), side by side with MCP over stdio in the same
+     run, through httpx.AsyncClient reading lines: the OpenAI-compatible SSE stream (`POST
+     /v1/chat/completions`, `"stream": true`) and the Ollama NDJSON stream (`POST /api/chat`). Relay
+     capacity (request sent to the last content piece received) >= 160,000 tokens/s for SSE and >= 280,000
+     for NDJSON (10x rkllama's best on this kind of machine: 10k-16k and 20k-28k; a vendor Flask demo
+     3.5k-4.8k), with the ratio to row 1's R2; latency at 40 tokens/s (as row 2) p99 < 3.9 ms
+     (rkllama's added p50 / p99: 1.7 / 3.9 ms), with the difference to row 2.
 
 The fake runtime (tests/fake_rkllm) stands in for the NPU; it is built with gcc on first use.
 The servers started here get limits that allow what the rows ask for (MAX_NEW_TOKENS below).
@@ -534,6 +541,149 @@ async def jsonrpc_rows(library: Path, model: Path, records: Path, quick: bool) -
     return rate, lat, calls
 
 
+# --------------------------------------------------------------------------- row 9
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_http_server(library: Path, records: Path, port: int) -> subprocess.Popen[bytes]:
+    """`python -m mcp_rkllm --transport http --port P`, same settings as the stdio servers of rows 1-3."""
+    import httpx
+
+    params = server_params(library, records, "--transport", "http", "--host", "127.0.0.1", "--port", str(port),
+                           "--isolation", "none")
+    proc = subprocess.Popen([params.command, *params.args], env=params.env, cwd=str(REPO),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=DEVNULL)
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the HTTP server exited with status {proc.returncode}")
+            try:
+                if (await client.get("/api/version")).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.05)
+    stop_server(proc)
+    raise RuntimeError("the HTTP server did not answer")
+
+
+#: (path, request body, content of one parsed line or None, token count in a parsed line or None) per API.
+HttpApi = tuple[str, Callable[[str, int], dict[str, Any]], Callable[[dict[str, Any]], str | None],
+                Callable[[dict[str, Any]], int | None]]
+
+
+def _sse_content(chunk: dict[str, Any]) -> str | None:
+    choices = chunk.get("choices") or []
+    return choices[0]["delta"].get("content") or None if choices else None
+
+
+def _sse_count(chunk: dict[str, Any]) -> int | None:
+    usage = chunk.get("usage")
+    return int(usage["completion_tokens"]) if usage else None
+
+
+def _ndjson_content(line: dict[str, Any]) -> str | None:
+    return None if line.get("done") else line["message"]["content"] or None
+
+
+def _ndjson_count(line: dict[str, Any]) -> int | None:
+    return int(line["eval_count"]) if line.get("done") else None
+
+
+OPENAI_SSE: HttpApi = (
+    "/v1/chat/completions",
+    lambda prompt, n: {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": n,
+                       "stream": True, "stream_options": {"include_usage": True}},
+    _sse_content, _sse_count)
+OLLAMA_NDJSON: HttpApi = (
+    "/api/chat",
+    lambda prompt, n: {"model": "bench:latest", "messages": [{"role": "user", "content": prompt}],
+                       "options": {"num_predict": n}},
+    _ndjson_content, _ndjson_count)
+
+
+async def http_stream(client: Any, api: HttpApi, prompt: str, tokens: int,
+                      on_content: Callable[[str], None]) -> int:
+    """One streamed chat: each line parsed as it arrives (SSE `data:` lines or NDJSON), its content handed to
+    `on_content`; the completion token count the stream reports at its end."""
+    path, body, content_of, count_of = api
+    count = None
+    async with client.stream("POST", path, json=body(prompt, tokens)) as response:
+        assert response.status_code == 200, (response.status_code, await response.aread())
+        async for line in response.aiter_lines():
+            if path.startswith("/v1"):
+                if not line.startswith("data: "):
+                    continue
+                line = line[6:]
+                if line == "[DONE]":
+                    break
+            elif not line:
+                continue
+            data = json.loads(line)
+            assert "error" not in data, data
+            if (text := content_of(data)) is not None:
+                on_content(text)
+            if (n := count_of(data)) is not None:
+                count = n
+    assert count == tokens, (count, tokens)
+    return count
+
+
+async def http_rate(client: Any, api: HttpApi, tokens: int) -> tuple[float, float, int]:
+    """As `stdio_rate`: tokens/s reaching the client's line handling (request sent to the last content piece),
+    tokens/s of the whole request (to the end of the stream), and the number of content pieces."""
+    last = [0.0]
+    pieces = [0]
+
+    def on_content(text: str) -> None:
+        last[0] = time.perf_counter()
+        pieces[0] += 1
+
+    started = time.perf_counter()
+    await http_stream(client, api, "tok en", tokens, on_content)
+    elapsed = time.perf_counter() - started
+    return tokens / (last[0] - started), tokens / elapsed, pieces[0]
+
+
+async def http_stamp_latency(client: Any, api: HttpApi, tokens: int) -> list[float]:
+    """As `stamp_latency`: ms from the fake's callback to the client's line handling, per token, at 40 tokens/s."""
+    latencies: list[float] = []
+
+    def on_content(text: str) -> None:
+        now = time.monotonic_ns()
+        latencies.extend((now - int(s)) / 1e6 for s in text.split())
+
+    await http_stream(client, api, "fake:stamp fake:delay_ms=25", tokens, on_content)
+    return latencies[5:]  # the first tokens pay for warm-up
+
+
+async def http_rows(library: Path, model: Path, records: Path, quick: bool) -> dict[str, tuple[
+        tuple[float, float, int], list[float]]]:
+    """Row 9's measurements on one HTTP server (stopped at the end): capacity and latencies per stream."""
+    import httpx
+
+    port = free_port()
+    proc = await start_http_server(library, records, port)
+    apis = {"SSE": OPENAI_SSE, "NDJSON": OLLAMA_NDJSON}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            for api in apis.values():  # the first loads the model; neither stream is measured on a cold server
+                await http_stream(client, api, "warm up", 1000, lambda text: None)
+            rates = {name: await http_rate(client, api, 100_000 if quick else 300_000) for name, api in apis.items()}
+            lats = {name: await http_stamp_latency(client, api, 120 if quick else 240) for name, api in apis.items()}
+    finally:
+        stop_server(proc)
+    return {name: (rates[name], lats[name]) for name in apis}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -617,6 +767,17 @@ async def main(args: argparse.Namespace) -> int:
     rpc_call = statistics.median(calls8)
     row("8 rkllm.is_running socket vs stdio (median)", f"{rpc_call:.3f} vs {ours:.3f} ms = {rpc_call / ours:.2f}x",
         "", None)
+    streams = await http_rows(library, model, records, args.quick)
+    for name, label, target in (("SSE", "OpenAI SSE", 160_000), ("NDJSON", "Ollama NDJSON", 280_000)):
+        (r9, whole9, pieces9), lat9 = streams[name]
+        row(f"9 R2 over {label}", f"{r9:,.0f} tokens/s ({pieces9} pieces)", f">= {target:,}", r9 >= target)
+        row(f"9 {name} / stdio (row 1 R2)", f"{r9:,.0f} vs {r2:,.0f} tokens/s = {r9 / r2:.2f}", "", None)
+        row(f"9 {name} (whole request to the end of the stream)",
+            f"{whole9:,.0f} vs {whole:,.0f} tokens/s = {whole9 / whole:.2f}", "", None)
+        h50, h99 = pct(lat9, 50), pct(lat9, 99)
+        row(f"9 latency at 40 tokens/s, {name}, p50 / p99", f"{h50:.2f} / {h99:.2f} ms ({len(lat9)} tokens)",
+            "p99 < 3.9 ms", h99 < 3.9)
+        row(f"9 latency {name} - stdio (row 2), p50 / p99", f"{h50 - p50:+.2f} / {h99 - p99:+.2f} ms", "", None)
     missed = [r for r in ROWS if r[3] is False]
     print(f"\n{len(ROWS)} rows, {len(missed)} missed", flush=True)
     return 0
