@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     max_floats: int = _setting(
         1 << 22, "Most floats in one array (embeddings, image/video embeddings, encoder caches).", "limits",
         metavar="N", ge=1)
+    max_output_floats: int = _setting(
+        1 << 20, "Most floats a run may return in one output array (hidden states, logits): rows x width after "
+                 "`output_rows`. Checked before the output is computed where the runtime knows its size; over it "
+                 "is LIMIT_EXCEEDED saying how many rows fit.", "limits", metavar="N", ge=1)
     max_new_tokens: int = _setting(
         1 << 16, "Largest `max_new_tokens` a client may ask for, at load and per run.", "limits", metavar="N", ge=1)
     max_context_len: int = _setting(

@@ -18,6 +18,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.structs import (
     FinishReason,
     RKLLMPerfStat,
@@ -87,6 +88,40 @@ RunEvent = Token | Waiting | TokenBatch | Hidden | Logits | Finish | RunError
 EventSink = Callable[[RunEvent], None]
 
 
+@dataclass(frozen=True, slots=True)
+class OutputLimit:
+    """What a run may return as an output array (hidden states, logits): the last `rows` rows
+    (0 = all of them, one per input token) and at most `max_floats` floats (None = no bound).
+
+    A runtime that knows the shape before it computes the output checks it first (`check`) and
+    produces only the rows kept; the collector enforces it again on whatever arrives.
+    """
+
+    rows: int = 0
+    max_floats: int | None = None
+
+    def kept(self, total: int) -> int:
+        """How many of `total` rows are returned."""
+        return total if self.rows <= 0 else min(self.rows, total)
+
+    def error(self, kind: str, total: int, width: int) -> RkllmError | None:
+        """LIMIT_EXCEEDED, saying how to ask for less, if the kept rows of `total` x `width` are too many floats."""
+        rows = self.kept(total)
+        if self.max_floats is None or rows * width <= self.max_floats:
+            return None
+        fit = self.max_floats // max(width, 1)
+        how = (f"pass output_rows={fit} or fewer, e.g. output_rows=1 for the last token's row only" if fit
+               else "even one row is over the limit: raise --max-output-floats")
+        return RkllmError("LIMIT_EXCEEDED", what=f"the {kind} output in floats ({rows} rows x {width}; {how})",
+                          value=rows * width, limit=self.max_floats, rows=rows, width=width, max_output_rows=fit)
+
+    def check(self, kind: str, total: int, width: int) -> None:
+        """Raise `error(...)` if there is one."""
+        error = self.error(kind, total, width)
+        if error is not None:
+            raise error
+
+
 def discard(event: RunEvent) -> None:
     """An EventSink that ignores everything."""
 
@@ -101,12 +136,16 @@ class RunCollector:
     called after every change, on the producing thread; they must be quick and must not raise.
     """
 
-    __slots__ = ("error", "finished", "forward", "hidden", "listeners", "logits", "max_new_tokens", "perf",
-                 "pieces", "token_ids")
+    __slots__ = ("error", "finished", "forward", "hidden", "listeners", "logits", "max_new_tokens", "output",
+                 "output_error", "perf", "pieces", "token_ids")
 
-    def __init__(self, max_new_tokens: int | None = None, forward: EventSink | None = None):
+    def __init__(self, max_new_tokens: int | None = None, forward: EventSink | None = None,
+                 output: OutputLimit | None = None):
         self.max_new_tokens = max_new_tokens
         self.forward = forward
+        self.output = output
+        """The bound on hidden states / logits; an output over it is dropped and `output_error` set."""
+        self.output_error: RkllmError | None = None
         self.pieces: list[str] = []
         self.token_ids: list[int] = []
         self.perf: RKLLMPerfStat | None = None
@@ -128,10 +167,15 @@ class RunCollector:
         elif kind is TokenBatch:
             self.pieces.extend(event.texts)  # type: ignore[union-attr]
             self.token_ids.extend(event.token_ids)  # type: ignore[union-attr]
-        elif kind is Hidden:
-            self.hidden = event  # type: ignore[assignment]
-        elif kind is Logits:
-            self.logits = event  # type: ignore[assignment]
+        elif kind is Hidden or kind is Logits:
+            kept = self._bounded(event)  # type: ignore[arg-type]
+            if kept is None:
+                return
+            event = kept
+            if kind is Hidden:
+                self.hidden = event  # type: ignore[assignment]
+            else:
+                self.logits = event  # type: ignore[assignment]
         elif kind is Finish:
             self.perf = event.perf  # type: ignore[union-attr]
             self.finished.set()
@@ -144,6 +188,24 @@ class RunCollector:
             listener()
 
     __call__ = add
+
+    def _bounded(self, event: Hidden | Logits) -> Hidden | Logits | None:
+        """`event` cut to the rows `output` keeps, or None (and `output_error` set) if it is over the limit."""
+        limit = self.output
+        if limit is None:
+            return event
+        width = event.embd_size if isinstance(event, Hidden) else event.vocab_size
+        error = limit.error("hidden-state" if isinstance(event, Hidden) else "logits", event.num_tokens, width)
+        if error is not None:
+            self.output_error = error
+            for listener in self.listeners:
+                listener()
+            return None
+        rows = limit.kept(event.num_tokens)
+        if rows == event.num_tokens:
+            return event
+        tail = event.data[len(event.data) - rows * width:]
+        return Hidden(tail, width, rows) if isinstance(event, Hidden) else Logits(tail, width, rows)
 
     @property
     def token_count(self) -> int:
@@ -159,7 +221,8 @@ class RunCollector:
         ids = list(self.token_ids)
         count = len(ids)
         reason: FinishReason
-        if self.error is not None:
+        error = self.error if self.output_error is None else self.output_error.message
+        if error is not None:
             reason = "error"
         elif aborted:
             reason = "abort"
@@ -179,7 +242,7 @@ class RunCollector:
                 hidden_states=hidden.data.tolist(), embd_size=hidden.embd_size, num_tokens=hidden.num_tokens),
             logits=None if logits is None else RKLLMResultLogits.model_construct(
                 logits=logits.data.tolist(), vocab_size=logits.vocab_size, num_tokens=logits.num_tokens),
-            error=self.error,
+            error=error,
         )
 
 

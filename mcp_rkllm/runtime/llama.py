@@ -10,6 +10,13 @@ What llama.cpp cannot do here (multimodal input, cross-attention, multi-batch) i
 Every call that touches the llama.cpp context runs on one persistent thread per model: llama.cpp
 with OpenMP slows down 3-5x when decodes come from different threads. rkllm_abort sets a byte
 that llama.cpp polls inside decode (GIL-free), so it interrupts even a long prefill.
+
+llama.cpp answers some bad input with GGML_ASSERT, which aborts the whole process (the server too,
+in-process). So nothing a client sends reaches it unchecked: every batch is at most N_BATCH rows,
+every position fits the context, every token id is in the vocabulary, sampling only happens with
+logits present, and paths are plain strings; each violation is a structured error instead.
+Hidden states and logits honour the run collector's `OutputLimit`: only the rows asked for are
+computed and copied, and the size is checked before anything is decoded.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from mcp_rkllm.events import (
     Finish,
     Hidden,
     Logits,
+    OutputLimit,
     RunCollector,
     RunEvent,
     Token,
@@ -81,8 +89,27 @@ def _llama() -> Any:
     return llama_cpp
 
 
+#: The one log callback given to llama.cpp, alive as long as the process: llama.cpp keeps the pointer,
+#: so a callback freed with its runtime object would be called after it is gone (a segfault).
+_LOG_CALLBACK: list[Any] = []
+
+
+def _silence(L: Any) -> None:
+    """Send llama.cpp's own logging nowhere (it would go to stderr anyway, never to stdout)."""
+    if not _LOG_CALLBACK:
+        _LOG_CALLBACK.append(L.llama_log_callback(lambda level, text, data: None))
+        L.llama_log_set(_LOG_CALLBACK[0], ctypes.c_void_p(0))
+
+
 def _round_ctx(n: int) -> int:
     return max(CTX_GRANULE, -(-n // CTX_GRANULE) * CTX_GRANULE)
+
+
+def _c_path(path: str, function: str) -> bytes:
+    """`path` as the C string llama.cpp gets; a NUL would silently cut it short (another file)."""
+    if "\x00" in path:
+        raise RkllmError("INVALID_PARAMS", function=function, detail="paths must not contain NUL characters")
+    return path.encode()
 
 
 class LlamaCppRuntime:
@@ -95,9 +122,7 @@ class LlamaCppRuntime:
     def __init__(self, n_threads: int | None = None):
         self.L = _llama()
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
-        # Silence llama.cpp's own logging (it would go to stderr anyway, never to stdout).
-        self._log_cb = self.L.llama_log_callback(lambda level, text, data: None)
-        self.L.llama_log_set(self._log_cb, ctypes.c_void_p(0))
+        _silence(self.L)
 
     def describe(self) -> dict[str, object]:
         """Runtime name, backend and version."""
@@ -207,18 +232,31 @@ class LlamaModel:
 
     # ----------------------------------------------------------------- decoding (model thread)
 
-    def _decode_tokens(self, tokens: Sequence[int], n_past: int, all_outputs: bool = False) -> None:
-        """Decode `tokens` at `n_past`; logits for the last one (or every one). Raises on abort."""
+    def _decode_tokens(self, tokens: Sequence[int], n_past: int, outputs_from: int | None = None) -> None:
+        """Decode `tokens` at `n_past`; outputs for the last one, and for every one from index `outputs_from` on.
+
+        Raises on abort. The caller keeps within N_BATCH and the context; the ids are checked here
+        because llama.cpp would otherwise read past its tables.
+        """
         L = self.L
         b = self.batch
-        b.n_tokens = len(tokens)
+        n = len(tokens)
+        if not 0 < n <= N_BATCH or n_past + n > self.n_ctx:
+            raise RkllmError("INTERNAL", function="rkllm_run", detail=f"a batch of {n} tokens at position "
+                             f"{n_past} (n_batch {N_BATCH}, n_ctx {self.n_ctx})")
+        first = n if outputs_from is None else outputs_from
+        n_vocab = self.n_vocab
+        b.n_tokens = n
         for i, t in enumerate(tokens):
+            if not 0 <= t < n_vocab:
+                raise RkllmError("INVALID_PARAMS", function="rkllm_run",
+                                 detail=f"token id {t} is outside the vocabulary (0..{n_vocab - 1})")
             b.token[i] = t
             b.pos[i] = n_past + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
-            b.logits[i] = all_outputs
-        b.logits[len(tokens) - 1] = True
+            b.logits[i] = i >= first
+        b.logits[n - 1] = True
         rc = L.llama_decode(self.ctx, b)
         if rc == 2:
             raise _Aborted()
@@ -226,25 +264,33 @@ class LlamaModel:
             raise RkllmError("RKLLM_CALL_FAILED", function="rkllm_run", rc=rc,
                              detail=f": llama_decode failed (context of {self.n_ctx} tokens full?)")
 
-    def _decode_embeddings(self, embed: Sequence[float], n_tokens: int, n_past: int) -> None:
+    def _decode_embeddings(self, embed: Sequence[float], n_tokens: int) -> None:
+        """Decode `n_tokens` embedding rows after what the cache holds, N_BATCH rows per llama_decode
+        (llama.cpp aborts the process on a bigger batch); logits for the last row."""
         L = self.L
-        be = L.llama_batch_init(n_tokens, self.n_embd, 1)
+        width = self.n_embd
+        data = array("f", embed)
+        be = L.llama_batch_init(N_BATCH, width, 1)
         try:
-            be.n_tokens = n_tokens
-            data = array("f", embed)
-            ctypes.memmove(be.embd, data.buffer_info()[0], len(data) * 4)
-            for i in range(n_tokens):
-                be.pos[i] = n_past + i
-                be.n_seq_id[i] = 1
-                be.seq_id[i][0] = 0
-                be.logits[i] = i == n_tokens - 1
-            rc = L.llama_decode(self.ctx, be)
+            for start in range(0, n_tokens, N_BATCH):
+                n = min(N_BATCH, n_tokens - start)
+                n_past = len(self.tokens)
+                be.n_tokens = n
+                ctypes.memmove(be.embd, data.buffer_info()[0] + start * width * 4, n * width * 4)
+                for i in range(n):
+                    be.pos[i] = n_past + i
+                    be.n_seq_id[i] = 1
+                    be.seq_id[i][0] = 0
+                    be.logits[i] = start + i == n_tokens - 1
+                rc = L.llama_decode(self.ctx, be)
+                if rc == 2:
+                    raise _Aborted()
+                if rc != 0:
+                    raise RkllmError("RKLLM_CALL_FAILED", function="rkllm_run", rc=rc,
+                                     detail=": llama_decode of embeddings")
+                self.tokens.extend([-1] * n)
         finally:
             L.llama_batch_free(be)
-        if rc == 2:
-            raise _Aborted()
-        if rc != 0:
-            raise RkllmError("RKLLM_CALL_FAILED", function="rkllm_run", rc=rc, detail=": llama_decode of embeddings")
 
     def _truncate(self, n: int) -> None:
         """Drop KV positions from n on."""
@@ -252,11 +298,15 @@ class LlamaModel:
             self.L.llama_memory_seq_rm(self.mem, 0, n, -1)
             del self.tokens[n:]
 
-    def _feed(self, target: list[int], reuse: bool = True) -> int:
+    def _feed(self, target: list[int], reuse: bool = True, kept: int = 0) -> int:
         """Make the KV cache hold `target`, decoding only what differs from what it holds.
 
         Returns how many tokens were decoded. The last token is always decoded so logits exist.
         """
+        if not target:
+            raise RkllmError("INVALID_PARAMS", function="rkllm_run",
+                             detail="the input is empty: it gives no token to run (with this chat template)")
+        self._fits(len(target), "the input (in tokens)", kept)
         common = 0
         if reuse:
             limit = min(len(target), len(self.tokens))
@@ -265,14 +315,18 @@ class LlamaModel:
             common = min(common, len(target) - 1)
         self._truncate(common)
         fresh = target[common:]
-        if len(target) > self.n_ctx:
-            raise RkllmError("LIMIT_EXCEEDED", function="rkllm_run", what="the prompt (in tokens)",
-                             value=len(target), limit=self.n_ctx)
         for start in range(0, len(fresh), N_BATCH):
             chunk = fresh[start:start + N_BATCH]
             self._decode_tokens(chunk, len(self.tokens))
             self.tokens.extend(chunk)
         return len(fresh)
+
+    def _fits(self, n: int, what: str, kept: int) -> None:
+        """LIMIT_EXCEEDED unless `n` positions (`kept` of them history) fit the context."""
+        if n > self.n_ctx:
+            with_history = f" with the {kept} kept from earlier turns" if kept else ""
+            raise RkllmError("LIMIT_EXCEEDED", function="rkllm_run", what=f"{what}{with_history}",
+                             value=n, limit=self.n_ctx, context_len=self.n_ctx)
 
     # ----------------------------------------------------------------- prompts
 
@@ -283,7 +337,11 @@ class LlamaModel:
 
         fmt = Jinja2ChatFormatter(template=self.chat_template, eos_token="", bos_token="",
                                   add_generation_prompt=True)
-        return str(fmt(messages=messages).prompt)  # type: ignore[arg-type]
+        try:
+            return str(fmt(messages=messages).prompt)  # type: ignore[arg-type]
+        except Exception as exc:  # the model's template refuses the conversation (raise_exception, ...)
+            raise RkllmError("INVALID_PARAMS", function="rkllm_run",
+                             detail=f"the model's chat template refused the conversation: {exc}") from exc
 
     def _tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=True))
@@ -417,12 +475,12 @@ class LlamaModel:
                                  detail=" by the CPU runtime")
 
             if mode != RKLLMInferMode.RKLLM_INFER_GENERATE:
-                prefill_tokens = self._outputs(inp, target, keep, mode, emit)
+                prefill_tokens = self._outputs(inp, target, keep, mode, emit, collector.output)
             else:
                 if inp.input_type == RKLLMInputType.RKLLM_INPUT_EMBED:
                     prefill_tokens = self._feed_embeddings(inp, keep)
                 else:
-                    prefill_tokens = self._feed(target)
+                    prefill_tokens = self._feed(target, kept=min(self.kv_logical, len(target)) if keep else 0)
                     self._save_cache(infer, target)
                 prefill_ms = (time.perf_counter() - started) * 1000
                 gen_started = time.perf_counter()
@@ -451,7 +509,7 @@ class LlamaModel:
         L = self.L
         limit = effective_max_new_tokens(self, infer)
         chain = self._sampler(self._sampling(infer))
-        decoder = codecs.getincrementaldecoder("utf-8")()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # models can emit invalid UTF-8
         buf = ctypes.create_string_buffer(256)
         special = not (self.param.skip_special_token if self.param.skip_special_token is not None else True)
         generated = 0
@@ -459,6 +517,9 @@ class LlamaModel:
             while generated < limit:
                 if self._abort_flag[0] != b"\x00":
                     raise _Aborted()
+                if not L.llama_get_logits_ith(self.ctx, -1):  # sampling would GGML_ASSERT (abort)
+                    raise RkllmError("RKLLM_CALL_FAILED", function="rkllm_run", rc=-1,
+                                     detail=": no logits to sample from (nothing was decoded)")
                 tok = L.llama_sampler_sample(chain, self.ctx, -1)
                 if L.llama_vocab_is_eog(self.vocab, tok) and not self.param.ignore_eos_token:
                     break
@@ -477,27 +538,45 @@ class LlamaModel:
         return generated
 
     def _outputs(self, inp: RKLLMInput, target: list[int], keep: bool, mode: RKLLMInferMode,
-                 emit: Callable[[RunEvent], None]) -> int:
-        """GET_LAST_HIDDEN_LAYER / GET_LOGITS: the input's rows, one per input token."""
+                 emit: Callable[[RunEvent], None], limit: OutputLimit | None) -> int:
+        """GET_LAST_HIDDEN_LAYER / GET_LOGITS: one row per input token, or the last `limit.rows`.
+
+        Only the rows asked for are computed and copied, and `limit` is checked before anything is
+        decoded (a 300-token prompt's logits are 59 MB of float32 on a 49k vocabulary).
+        """
         L = self.L
         hidden = mode == RKLLMInferMode.RKLLM_INFER_GET_LAST_HIDDEN_LAYER
+        if inp.input_type == RKLLMInputType.RKLLM_INPUT_EMBED:
+            raise RkllmError("NOT_SUPPORTED", function="rkllm_run",
+                             what="embedding input in hidden-state or logits mode", detail=" by the CPU runtime")
+        if not target:
+            raise RkllmError("INVALID_PARAMS", function="rkllm_run",
+                             detail="the input is empty: it gives no token to run (with this chat template)")
         start = self.kv_logical if keep else 0
-        self._truncate(start)
+        fresh = target[start:] if keep else target
         width = self.n_embd if hidden else self.n_vocab
+        wanted = len(fresh) if limit is None else limit.kept(len(fresh))
+        if limit is not None:
+            limit.check("hidden-state" if hidden else "logits", len(fresh), width)
+        kept = min(start, len(self.tokens))
+        self._fits(kept + len(fresh), "the input (in tokens)", kept)
+        self._truncate(start)
+        first = len(fresh) - wanted  # index in `fresh` of the first row returned
         rows = array("f")
         if hidden:
             L.llama_set_embeddings(self.ctx, True)
         try:
-            if inp.input_type == RKLLMInputType.RKLLM_INPUT_EMBED:
-                raise RkllmError("NOT_SUPPORTED", function="rkllm_run",
-                                 what="embedding input in hidden-state or logits mode", detail=" by the CPU runtime")
-            fresh = target[start:] if keep else target
             for s in range(0, len(fresh), N_BATCH):
                 chunk = fresh[s:s + N_BATCH]
-                self._decode_tokens(chunk, len(self.tokens), all_outputs=True)
+                lo = max(first - s, 0)
+                self._decode_tokens(chunk, len(self.tokens), outputs_from=lo)
                 self.tokens.extend(chunk)
-                for i in range(len(chunk)):
+                for i in range(lo, len(chunk)):
                     ptr = L.llama_get_embeddings_ith(self.ctx, i) if hidden else L.llama_get_logits_ith(self.ctx, i)
+                    if not ptr:  # e.g. a pooled embedding model: reading it would be a NULL dereference
+                        raise RkllmError("NOT_SUPPORTED", function="rkllm_run",
+                                         what="hidden states" if hidden else "logits",
+                                         detail=" per token by this model in the CPU runtime")
                     rows.frombytes(ctypes.string_at(ptr, width * 4))
         finally:
             if hidden:
@@ -505,8 +584,8 @@ class LlamaModel:
         n = len(rows) // width
         emit(Hidden(rows, width, n) if hidden else Logits(rows, width, n))
         self.kv_logical = len(self.tokens) if keep else 0
-        emit(Finish(RKLLMPerfStat(prefill_tokens=n, memory_usage_mb=process_memory_mb())))
-        return n
+        emit(Finish(RKLLMPerfStat(prefill_tokens=len(fresh), memory_usage_mb=process_memory_mb())))
+        return len(fresh)
 
     def _feed_embeddings(self, inp: RKLLMInput, keep: bool) -> int:
         assert inp.embed_input is not None
@@ -515,10 +594,10 @@ class LlamaModel:
             raise RkllmError("INVALID_PARAMS", function="rkllm_run",
                              detail=f"embed_input needs n_tokens x {self.n_embd} floats for this model, "
                                     f"got {len(e.embed)} for {e.n_tokens} tokens")
-        start = self.kv_logical if keep else 0
+        start = min(self.kv_logical, len(self.tokens)) if keep else 0
+        self._fits(start + e.n_tokens, "embed_input.n_tokens", start)
         self._truncate(start)
-        self._decode_embeddings(e.embed, e.n_tokens, start)
-        self.tokens.extend([-1] * e.n_tokens)
+        self._decode_embeddings(e.embed, e.n_tokens)
         return e.n_tokens
 
     def _save_cache(self, infer: RKLLMInferParam, target: list[int]) -> None:
@@ -527,7 +606,7 @@ class LlamaModel:
             return
         path = p.prompt_cache_path or "./prompt_cache.bin"
         arr = (self.L.llama_token * len(target))(*target)
-        if not self.L.llama_state_save_file(self.ctx, path.encode(), arr, len(target)):
+        if not self.L.llama_state_save_file(self.ctx, _c_path(path, "rkllm_run"), arr, len(target)):
             raise RkllmError("RKLLM_CALL_FAILED", function="rkllm_run", rc=-1,
                              detail=f": could not save the prompt cache to {path}")
 
@@ -634,8 +713,8 @@ class LlamaModel:
             raise RkllmError("INVALID_PARAMS", function="rkllm_set_function_tools",
                              detail=f"tools must be a JSON array: {exc}") from exc
 
-        def apply() -> None:
-            self.tools = (system_prompt, rendered, tool_response_str or "tool_response")
+        def apply() -> None:  # an empty list takes the tools back
+            self.tools = (system_prompt, rendered, tool_response_str or "tool_response") if rendered else None
             self.system_tokens = self._system_prefix_tokens()
 
         self._call(apply)
@@ -668,7 +747,8 @@ class LlamaModel:
         """Load a GGUF LoRA adapter; runs select it by name."""
         def load() -> None:
             L = self.L
-            pointer = L.llama_adapter_lora_init(self.llm.model, lora_adapter.lora_adapter_path.encode())
+            pointer = L.llama_adapter_lora_init(self.llm.model, _c_path(lora_adapter.lora_adapter_path,
+                                                                         "rkllm_load_lora"))
             if not pointer:  # a failure is a NULL pointer, not None
                 raise RkllmError("RKLLM_CALL_FAILED", function="rkllm_load_lora", rc=-1,
                                  detail=f": {lora_adapter.lora_adapter_path} is not a GGUF LoRA for this model")
@@ -688,9 +768,14 @@ class LlamaModel:
             cap = self.n_ctx
             out = (L.llama_token * cap)()
             count = ctypes.c_size_t()
+            path = _c_path(prompt_cache_path, "rkllm_load_prompt_cache")
             self._truncate(0)
-            if not Path(prompt_cache_path).is_file() or not L.llama_state_load_file(
-                    self.ctx, prompt_cache_path.encode(), out, cap, ctypes.byref(count)):
+            self.kv_logical = 0
+            self.history = []
+            loaded = Path(prompt_cache_path).is_file() and L.llama_state_load_file(
+                self.ctx, path, out, cap, ctypes.byref(count))
+            # A file with token ids outside the vocabulary is corrupt, whatever llama.cpp thought of it.
+            if not loaded or not all(0 <= t < self.n_vocab for t in out[:count.value]):
                 self.L.llama_memory_clear(self.mem, True)
                 raise RkllmError("RKLLM_CALL_FAILED", function="rkllm_load_prompt_cache", rc=-1,
                                  detail=f": {prompt_cache_path} is not a prompt cache of this model")
