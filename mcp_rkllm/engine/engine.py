@@ -528,6 +528,9 @@ class Engine:
                     sent += len(new)
                     await stream.sink(Progress(reader.tokens, reader.total, new))
         result = reader.result
+        over = reader.run.collector.output_error  # a worker's outcome does not know the server's bound
+        if result is not None and over is not None and result.error is None:
+            result = result.model_copy(update={"finish_reason": "error", "error": over.message})
         text = reader.text_since(p.offset)
         return AsyncRunReport(handle=p.handle, run_id=reader.run_id, done=result is not None, text=text,
                               offset=p.offset + len(text), token_count=reader.tokens, result=result)
