@@ -3,6 +3,10 @@
 Every string (prompts, templates, tool lists, messages) is bounded in UTF-8 bytes, every token id
 array and float array in items, and `max_new_tokens` / `max_context_len` wherever they appear.
 A violation is LIMIT_EXCEEDED naming the argument, the value and the limit (Settings).
+
+Outputs are bounded too, but where they are produced: `events.OutputLimit` (the engine builds it from
+`output_rows` and `max_output_floats`) rides on the run's collector, so runtimes, which cannot import
+the engine, check it before they compute an output, and the collector enforces it on what arrives.
 """
 
 from __future__ import annotations
