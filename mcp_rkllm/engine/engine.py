@@ -32,11 +32,14 @@ from mcp_rkllm.config import Settings
 from mcp_rkllm.engine.handles import AsyncRunReader, Handle
 from mcp_rkllm.engine.limits import enforce
 from mcp_rkllm.engine.metrics import Metrics
+from mcp_rkllm.engine.parsing import ParseResult
 from mcp_rkllm.engine.relay import NO_STREAM, Progress, Relay, Stream
+from mcp_rkllm.engine.replies import render_history, reply_stream, with_tool_format
 from mcp_rkllm.engine.types import (
     AbortResult,
     AsyncResultParams,
     AsyncRunReport,
+    ChatMessage,
     ChatParams,
     ChatResult,
     ChatTemplateParams,
@@ -82,6 +85,7 @@ from mcp_rkllm.engine.types import (
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import OutputLimit, RunCollector
 from mcp_rkllm.isolation.supervisor import WorkerLimits, WorkerModel, WorkerRuntime
+from mcp_rkllm.models.families import Family, family_for
 from mcp_rkllm.models.paths import PathPolicy, default_cache_dir
 from mcp_rkllm.models.store import ChatTemplate, ModelInfo, ModelStore
 from mcp_rkllm.runtime import choose_runtime, open_in_process
@@ -140,6 +144,22 @@ def _json_depth(value: Any) -> int:
         level = [c for v in level if isinstance(v, list | dict) for c in (v.values() if isinstance(v, dict) else v)
                  if isinstance(c, list | dict)]
     return depth
+
+
+#: The system prompt given with tools when the conversation has none.
+DEFAULT_TOOLS_SYSTEM = "You are a helpful assistant."
+
+
+def _system_prompt(turns: list[dict[str, str]]) -> str:
+    """The conversation's system prompt (the first system turn's text), "" when it has none."""
+    return next((t["content"] for t in turns if t["role"] == "system"), "")
+
+
+def _understood(parsed: ParseResult, family: Family) -> dict[str, Any]:
+    """The result fields of a reply split by its family."""
+    return {"text": parsed.content, "content": parsed.content, "reasoning": parsed.reasoning,
+            "tool_calls": parsed.tool_calls, "raw_text": parsed.raw_text, "warnings": parsed.warnings,
+            "family": family.name}
 
 
 def _flatten(messages: list[dict[str, str]]) -> str:
@@ -371,7 +391,7 @@ class Engine:
         handle = "h-" + secrets.token_hex(6)
         if isinstance(model, WorkerModel):
             model.set_label(handle)  # worker processes log and fail under their handle
-        h = Handle(handle, model, param, model_name=model_name)
+        h = Handle(handle, model, param, model_name=model_name, family=family_for(param.model_path or ""))
         self.handles[handle] = h
         return h
 
@@ -642,6 +662,7 @@ class Engine:
         base = info.sidecar.param if info.sidecar else RKLLMParam()
         merged = overlay_param(base, param or RKLLMParam()).model_copy(update={"model_path": str(info.path)})
         h = await self._load(merged, function, info.name, info.sidecar.chat_template if info.sidecar else None)
+        h.family = info.family  # the sidecar's family, if it names one
         if self.default_handle not in self.handles:
             self.default_handle = h.id
         return h
@@ -719,10 +740,14 @@ class Engine:
         s = self.settings
         async with h.slot.hold(s.busy_timeout, "generate", s.max_queued_runs):
             h.conversation = []
-            result = await self._relay(h, RKLLMInput(prompt_input=p.prompt), p.infer(h.param, p.keep_history),
-                                       stream, "generate")
-        return GenerateResult(text=result.text, finish_reason=result.finish_reason, token_count=result.token_count,
-                              perf=result.perf, handle=h.id, model=h.model_name)
+            await self._offer_tools(h, None, "generate")
+            family = with_tool_format(h.family, False)
+            replies = reply_stream(stream, family)
+            result = await self._relay(h, RKLLMInput(prompt_input=p.prompt, enable_thinking=p.enable_thinking),
+                                       p.infer(h.param, p.keep_history), replies.stream, "generate")
+            parsed = await replies.finish(result.text)
+        return GenerateResult(**_understood(parsed, family), finish_reason=result.finish_reason,
+                              token_count=result.token_count, perf=result.perf, handle=h.id, model=h.model_name)
 
     async def chat(self, p: ChatParams, stream: Stream = NO_STREAM) -> ChatResult:
         """An OpenAI-style multi-turn chat, streamed. Turns the handle already holds are not read again.
@@ -731,29 +756,56 @@ class Engine:
         hold of the handle's slot, so no other call can change the cache in between.
         """
         h = await self._target(p, "chat")
-        messages = [m.model_dump() for m in p.messages]
-        last = messages[-1]
+        messages = [m.model_dump(exclude={"reasoning_content"}) for m in p.messages]
+        tools = [t.model_dump() for t in p.tools] if p.tools and p.tool_choice == "auto" else None
+        family = with_tool_format(h.family, tools is not None)
+        turns = render_history(family, messages)
+        last = turns[-1]
         role = "tool" if last["role"] == "tool" else "user"
         s = self.settings
         async with h.slot.hold(s.busy_timeout, "chat", s.max_queued_runs):
-            reused = bool(h.conversation) and h.conversation == messages[:-1]
+            offered = (_system_prompt(turns), json.dumps(tools, ensure_ascii=False)) if tools else None
+            tools_changed = await self._offer_tools(h, offered, "chat")
+            reused = not tools_changed and bool(h.conversation) and h.conversation == messages[:-1]
             h.conversation = []
             if reused:
                 prompt = last["content"]
             elif isinstance(h.model, HistoryPriming):  # the CPU runtime renders the exact conversation
-                self._check_prompt("".join(m["content"] for m in messages), "chat")
-                await self._call(h, "chat", h.model.prime_history, messages[:-1])
+                self._check_prompt("".join(m["content"] for m in turns), "chat")
+                await self._call(h, "chat", h.model.prime_history, turns[:-1])
                 prompt = last["content"]
             else:
                 await self._call(h, "chat", h.model.clear_kv_cache, 0, None, None)
-                prompt = _flatten(messages)
-            result = await self._relay(h, RKLLMInput(prompt_input=prompt, role=role), p.infer(h.param, True), stream,
-                                       "chat")
-            reply = {"role": "assistant", "content": result.text}
+                prompt = _flatten(turns)
+            replies = reply_stream(stream, family)
+            result = await self._relay(h, RKLLMInput(prompt_input=prompt, role=role, enable_thinking=p.enable_thinking),
+                                       p.infer(h.param, True), replies.stream, "chat")
+            parsed = await replies.finish(result.text)
+            understood = _understood(parsed, family)
+            content = (understood["content"] or None) if parsed.tool_calls else understood["content"]
+            reply = ChatMessage.model_validate({"role": "assistant", "content": content,
+                                                "tool_calls": parsed.tool_calls or None}
+                                               ).model_dump(exclude={"reasoning_content"})
             h.conversation = [*messages, reply] if result.finish_reason != "abort" else []
-        return ChatResult(message=reply, text=result.text, finish_reason=result.finish_reason,
+        message = {"role": "assistant", "content": reply["content"]}
+        if parsed.reasoning is not None:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            message["tool_calls"] = parsed.tool_calls
+        return ChatResult(**understood, message=message, finish_reason=result.finish_reason,
                           token_count=result.token_count, perf=result.perf, handle=h.id, model=h.model_name,
                           reused_history=reused)
+
+    async def _offer_tools(self, h: Handle, tools: tuple[str, str] | None, function: str) -> bool:
+        """Give the runtime the chat's (system prompt, tools JSON), or take earlier ones back (an empty list);
+        True when that changed what the runtime holds (its KV cache then no longer matches the history)."""
+        if tools == h.chat_tools:
+            return False
+        system, listed = tools or ((h.chat_tools or ("", ""))[0], "[]")
+        await self._call(h, function, h.model.set_function_tools, system or DEFAULT_TOOLS_SYSTEM, listed,
+                         "tool_response")
+        h.chat_tools = tools
+        return True
 
     async def embed(self, p: EmbedParams, stream: Stream = NO_STREAM) -> EmbedResult:
         """An embedding of `text`: the last hidden layer pooled over the tokens (mean or last)."""

@@ -22,6 +22,7 @@ import anyio
 from mcp_rkllm.engine.relay import LoopSignal
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import AsyncRun
+from mcp_rkllm.models.families import DEFAULT, Family
 from mcp_rkllm.runtime.base import LoadedModel
 from mcp_rkllm.structs import RKLLMParam, RunResult
 
@@ -186,6 +187,10 @@ class Handle:
     loaded_at: float = field(default_factory=time.time)
     freed: bool = False
     """A client freed it (rkllm_destroy / unload_model): its worker's exit is no crash."""
+    family: Family = DEFAULT
+    """How this model's replies mark reasoning and tool calls (from its file name or sidecar)."""
+    chat_tools: tuple[str, str] | None = None
+    """The (system prompt, tools JSON) chat last gave the runtime, None when it gave none."""
 
     def __post_init__(self) -> None:
         self.slot = Slot(self.id)

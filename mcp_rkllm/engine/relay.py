@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 
@@ -40,12 +40,19 @@ MIN_INTERVAL_SECONDS = 0.005
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """One streamed update: tokens so far, the token limit when known, the new text and its token ids."""
+    """One streamed update: tokens so far, the token limit when known, the new text and its token ids.
+
+    `kind` says what the text is when the reply is read by its model family (generate, chat): "content"
+    (for the user), "reasoning", or "tool_call" (the raw text of a call; the decoded call, OpenAI-shaped,
+    comes in `tool_call` of an update with no text). Runs of the C-level calls are all "content".
+    """
 
     progress: int
     total: int | None
     text: str
     token_ids: tuple[int, ...] = ()
+    kind: Literal["content", "reasoning", "tool_call"] = "content"
+    tool_call: dict[str, Any] | None = None
 
 
 #: Receives a run's updates, in order, on the event loop.

@@ -183,6 +183,8 @@ class ModelEntry(BaseModel):
     size_bytes: int
     bundled: bool
     loadable: bool = Field(description="Whether the server's runtime can load this kind of file.")
+    family: str = Field("default", description="The model family: how its replies mark reasoning and tool calls "
+                                               "(from the file name, or the sidecar's `family`).")
     defaults: dict[str, Any] | None = None
     link: str | None = Field(None, description="The symlink in a model root the model is listed as (`path` is "
                                                "the file it points to).")
@@ -281,10 +283,29 @@ class Sampling(Params):
 class GenerateParams(Sampling):
     prompt: str = Field(min_length=1, description="The user prompt; the model's chat template is applied.")
     keep_history: bool = Field(False, description="Continue the conversation held in the handle's KV cache.")
+    enable_thinking: bool = Field(False, description="Let a thinking model (Qwen3-style templates) reason first "
+                                                     "(RKLLMInput.enable_thinking, RKLLM 1.2.1+).")
+
+
+class ToolCall(BaseModel):
+    """A tool call as OpenAI writes it: `arguments` is a JSON string."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str] = Field(description='{"name": ..., "arguments": "<JSON object as a string>"}')
 
 
 class GenerateResult(Result):
-    text: str
+    text: str = Field(description="The reply for the user: the model's output without its reasoning and tool calls "
+                                  "(the same as `content`).")
+    content: str = Field("", description="The same as `text`.")
+    reasoning: str | None = Field(None, description="The model's reasoning (e.g. <think>...</think>), if it wrote "
+                                                    "any.")
+    tool_calls: list[ToolCall] = Field(default_factory=list, description="The tool calls the model made.")
+    raw_text: str = Field("", description="Everything the model wrote, markers included.")
+    warnings: list[str] = Field(default_factory=list, description="Output that could not be understood (e.g. a "
+                                                                   "tool call with broken JSON, kept as content).")
+    family: str = Field("default", description="The model family whose markers were read.")
     finish_reason: Literal["stop", "length", "abort", "error"]
     token_count: int
     perf: RKLLMPerfStat | None = None
@@ -294,12 +315,43 @@ class GenerateResult(Result):
 
 class ChatMessage(Params):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | None = Field(None, description="The text (null for an assistant message that only calls tools).")
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's tool calls, as returned.")
+    tool_call_id: str | None = Field(None, description="A tool message: the id of the call it answers.")
+    name: str | None = Field(None, description="A tool message: the tool's name (optional).")
+    reasoning_content: str | None = Field(None, description="An assistant message's reasoning, as returned (not "
+                                                            "given back to the model).")
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+
+class FunctionTool(Params):
+    """An OpenAI function tool: {"type": "function", "function": {"name", "description", "parameters"}}."""
+
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _named(self) -> FunctionTool:
+        if not isinstance(self.function.get("name"), str) or not self.function["name"]:
+            raise ValueError("function.name is required")
+        return self
 
 
 class ChatParams(Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="OpenAI-style conversation; the last message "
                                                                   "is a user (or tool) message.")
+    tools: list[FunctionTool] | None = Field(None, description="Functions the model may call (OpenAI schema); its "
+                                                              "calls come back in `tool_calls`.")
+    tool_choice: Literal["auto", "none"] = Field("auto", description="`none`: do not offer the tools this time.")
+    enable_thinking: bool = Field(False, description="Let a thinking model (Qwen3-style templates) reason first "
+                                                     "(RKLLMInput.enable_thinking, RKLLM 1.2.1+).")
 
     @model_validator(mode="after")
     def _last_is_user(self) -> ChatParams:
@@ -309,7 +361,8 @@ class ChatParams(Sampling):
 
 
 class ChatResult(GenerateResult):
-    message: dict[str, str] = Field(description='{"role": "assistant", "content": ...}')
+    message: dict[str, Any] = Field(description='The reply as an OpenAI assistant message: {"role": "assistant", '
+                                                '"content", "reasoning_content"?, "tool_calls"?}; send it back as is.')
     reused_history: bool = Field(description="True when earlier turns were already in the KV cache.")
 
 

@@ -28,9 +28,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mcp_rkllm.errors import RkllmError
+from mcp_rkllm.models.families import Family, family_for, family_named
 from mcp_rkllm.models.paths import inside, real_path
 from mcp_rkllm.structs import RKLLMParam
 
@@ -55,8 +56,17 @@ class Sidecar(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     description: str | None = None
+    family: str | None = Field(None, description="The model family (see mcp_rkllm.models.families), overriding the "
+                                                 "one its file name suggests.")
     param: RKLLMParam = RKLLMParam()
     chat_template: ChatTemplate | None = None
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str | None) -> str | None:
+        if value is not None:
+            family_named(value)  # ValueError naming the known families
+        return value
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,11 @@ class ModelInfo:
         return (self.link or self.path).name
 
     @property
+    def family(self) -> Family:
+        """The model family: the sidecar's `family`, else the one the file name suggests."""
+        return family_for(self.file, {"family": self.sidecar.family} if self.sidecar is not None else None)
+
+    @property
     def runtime(self) -> str:
         """The runtime that loads this kind of file."""
         return "native" if self.kind == "rkllm" else "cpu"
@@ -88,6 +103,7 @@ class ModelInfo:
         out: dict[str, Any] = {"name": self.name, "file": self.file, "path": str(self.path), "kind": self.kind,
                                "runtime": self.runtime, "size_bytes": self.size_bytes,
                                "size_mb": round(self.size_bytes / 2**20, 1), "bundled": self.bundled}
+        out["family"] = self.family.name
         if self.link is not None:
             out["link"] = str(self.link)
         if self.sidecar is not None:

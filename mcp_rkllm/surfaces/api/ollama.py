@@ -14,6 +14,7 @@ here answers success, another 404 naming the model directories.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -56,9 +57,37 @@ def _ns(ms: float) -> int:
 
 
 def _details(model: ModelInfo) -> dict[str, Any]:
-    family = "unknown"  # model families arrive with the reasoning/tool-call parsing (issue 15)
+    family = model.family.name
     return {"parent_model": "", "format": model.kind.lstrip("."), "family": family, "families": [family],
             "parameter_size": "", "quantization_level": ""}
+
+
+def _capabilities(model: ModelInfo) -> list[str]:
+    """What /api/show advertises: tools when the family has a call format (chat offers tools to any model, but
+    only these were trained for it), thinking when it marks reasoning."""
+    family = model.family
+    return ["completion"] + (["tools"] if family.tool_calls else []) + (["thinking"] if family.reasoning else [])
+
+
+def _ollama_call(call: dict[str, Any], index: int) -> dict[str, Any]:
+    """An OpenAI-shaped tool call as Ollama writes it: `arguments` an object, `index` its position."""
+    fn = call["function"]
+    try:
+        arguments = json.loads(fn.get("arguments") or "{}")
+    except json.JSONDecodeError:
+        arguments = {}
+    return {"id": call.get("id"), "function": {"index": index, "name": fn.get("name"), "arguments": arguments}}
+
+
+def _openai_call(call: Any, where: str) -> dict[str, Any]:
+    """A tool call from an Ollama history (arguments an object, id optional) in the OpenAI shape chat takes."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise unsupported(where, "a tool call needs function.name", "chat")
+    arguments = fn.get("arguments", {})
+    return {"id": call.get("id") or f"call_{secrets.token_hex(12)}", "type": "function",
+            "function": {"name": fn["name"], "arguments": arguments if isinstance(arguments, str)
+                         else json.dumps(arguments, ensure_ascii=False)}}
 
 
 def _digest(model: ModelInfo) -> str:
@@ -146,7 +175,7 @@ class OllamaRoutes:
         parameters = "\n".join(f"{k} {v}" for k, v in defaults.items() if not isinstance(v, dict))
         return JSONResponse({"modelfile": f"# {info.file} ({info.runtime} runtime)\nFROM {info.path}\n",
                              "parameters": parameters, "template": "", "details": details,
-                             "model_info": model_info, "capabilities": ["completion"],
+                             "model_info": model_info, "capabilities": _capabilities(info),
                              "modified_at": self._entry(info)["modified_at"]})
 
     async def pull(self, request: Request) -> Response:
@@ -169,8 +198,6 @@ class OllamaRoutes:
     # ------------------------------------------------------------------ generation
 
     def _arguments(self, body: dict[str, Any]) -> dict[str, Any]:
-        if body.get("tools"):
-            raise unsupported("tools", "function tools are not supported on this surface yet")
         if body.get("format"):
             raise unsupported("format", "structured output (format) is not supported")
         if body.get("images"):
@@ -185,6 +212,9 @@ class OllamaRoutes:
         predict = options.get("num_predict")
         if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0:
             args["max_new_tokens"] = predict
+        think = body.get("think")
+        if think is not None:  # true / false, or a level ("low", "medium", "high"): thinking on
+            args["enable_thinking"] = think not in (False, "false", "none")
         return args
 
     async def _loaded_before(self, ref: dict[str, str]) -> bool:
@@ -231,9 +261,17 @@ class OllamaRoutes:
         loaded_before = await self._loaded_before({k: v for k, v in args.items() if k in ("handle", "model")})
         model = body.get("model")
 
-        def line(text: str) -> dict[str, Any]:
+        def line(text: str, kind: str = "content", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
             head = {"model": model, "created_at": _now()}
-            return {**head, "message": {"role": "assistant", "content": text}} if chat else {**head, "response": text}
+            if not chat:
+                return {**head, "response": text if kind == "content" else ""} | (
+                    {"thinking": text} if kind == "reasoning" else {})
+            message: dict[str, Any] = {"role": "assistant", "content": text if kind == "content" else ""}
+            if kind == "reasoning":
+                message["thinking"] = text
+            if calls:
+                message["tool_calls"] = [_ollama_call(c, i) for i, c in enumerate(calls)]
+            return {**head, "message": message}
 
         def load_seconds(data: dict[str, Any]) -> float:
             # The first token cannot come before the model is loaded: the time to it, minus the prefill.
@@ -246,11 +284,22 @@ class OllamaRoutes:
         if not body.get("stream", True):
             data = dumped(await while_connected(request.receive, lambda: self.api.invoke(operation, args)))
             await self._unload_after(body, data)
-            return JSONResponse({**line(data["text"]), **self._final(data, started, load_seconds(data))})
+            whole = line(data["text"], calls=data["tool_calls"])
+            if data.get("reasoning"):
+                (whole["message"] if chat else whole)["thinking"] = data["reasoning"]
+            return JSONResponse({**whole, **self._final(data, started, load_seconds(data))})
 
         async def produce(emit: Emit) -> None:
+            calls: list[dict[str, Any]] = []
+
             async def sink(update: Progress) -> None:
-                await emit(json.dumps(line(update.text), ensure_ascii=False).encode() + b"\n")
+                if update.kind == "tool_call":
+                    if update.tool_call is not None:  # Ollama sends each call whole, in a line of its own
+                        calls.append(update.tool_call)
+                        await emit(json.dumps(line("", calls=[update.tool_call]), ensure_ascii=False).encode()
+                                   + b"\n")
+                    return
+                await emit(json.dumps(line(update.text, update.kind), ensure_ascii=False).encode() + b"\n")
 
             sent = False
 
@@ -300,10 +349,21 @@ class OllamaRoutes:
             if m.get("images"):
                 raise unsupported(f"messages[{i}].images", "images need a vision model, which this server cannot run "
                                                            "yet")
+            turn: dict[str, Any] = {"role": m.get("role"),
+                                    "content": m.get("content") if m.get("content") is not None else ""}
             if m.get("tool_calls"):
-                raise unsupported(f"messages[{i}].tool_calls", "function tools are not supported on this surface yet")
-            turns.append({"role": m.get("role"), "content": m.get("content") if m.get("content") is not None else ""})
-        return await self._run(request, body, "chat", {**self._arguments(body), "messages": turns}, chat=True)
+                turn["tool_calls"] = [_openai_call(c, f"messages[{i}].tool_calls[{j}]")
+                                      for j, c in enumerate(m["tool_calls"])]
+                turn["content"] = turn["content"] or None
+            if m.get("role") == "tool":
+                for key, ours in (("tool_call_id", "tool_call_id"), ("tool_name", "name"), ("name", "name")):
+                    if m.get(key) is not None:
+                        turn[ours] = m[key]
+            turns.append(turn)
+        args = {**self._arguments(body), "messages": turns}
+        if body.get("tools"):
+            args["tools"] = body["tools"]
+        return await self._run(request, body, "chat", args, chat=True)
 
     # ------------------------------------------------------------------ embeddings
 

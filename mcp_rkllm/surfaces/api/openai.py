@@ -40,8 +40,7 @@ _UNSUPPORTED = {
     "logprobs": "log probabilities are not available from the runtime",
     "top_logprobs": "log probabilities are not available from the runtime",
     "logit_bias": "logit bias is not supported",
-    "tools": "function tools are not supported on this surface yet (see rkllm_set_function_tools)",
-    "functions": "function tools are not supported on this surface yet",
+    "functions": "the deprecated `functions` field is not supported: use `tools`",
     "response_format": "structured output (json_object / json_schema) is not supported",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
@@ -81,8 +80,8 @@ def _sse(payload: Any) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+def _finish(reason: str, tool_calls: bool = False) -> str:
+    return "length" if reason == "length" else "tool_calls" if tool_calls else "stop"
 
 
 def _usage(result: dict[str, Any]) -> dict[str, int]:
@@ -183,12 +182,27 @@ class OpenAiRoutes:
         for field, why in _UNSUPPORTED.items():
             if field in body and not _harmless(field, body[field]):
                 raise unsupported(field, why)
-        if body.get("tool_choice") not in (None, "none", "auto"):
-            raise unsupported("tool_choice", "function tools are not supported on this surface yet")
         args: dict[str, Any] = {**self.api.model_ref(body.get("model")), **sampling(body)}
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None:
             args["max_new_tokens"] = limit
+        return args
+
+    def _chat_options(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Tools, tool_choice and thinking for `chat`."""
+        args: dict[str, Any] = {}
+        choice = body.get("tool_choice")
+        if choice not in (None, "none", "auto"):
+            raise unsupported("tool_choice", "only auto and none: the runtimes cannot force a call", "chat")
+        if body.get("tools"):
+            args["tools"] = body["tools"]
+            if choice is not None:
+                args["tool_choice"] = choice
+        thinking = (body.get("chat_template_kwargs") or {}).get("enable_thinking", body.get("enable_thinking"))
+        if thinking is None and body.get("reasoning_effort") is not None:
+            thinking = body["reasoning_effort"] != "none"
+        if thinking is not None:
+            args["enable_thinking"] = thinking
         return args
 
     def _messages(self, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -200,15 +214,19 @@ class OpenAiRoutes:
             if not isinstance(m, dict):
                 raise unsupported(f"messages[{i}]", "must be an object")
             role = "system" if m.get("role") == "developer" else m.get("role")
+            turn: dict[str, Any] = {"role": role, "content": _text(m.get("content"), f"messages[{i}].content")}
             if m.get("tool_calls"):
-                raise unsupported(f"messages[{i}].tool_calls", "function tools are not supported on this surface "
-                                                               "yet")
-            out.append({"role": role, "content": _text(m.get("content"), f"messages[{i}].content")})
+                turn["tool_calls"] = m["tool_calls"]
+                turn["content"] = turn["content"] or None
+            for key in ("tool_call_id", "name"):
+                if m.get(key) is not None and role == "tool":
+                    turn[key] = m[key]
+            out.append(turn)
         return out
 
     async def chat(self, request: Request) -> Response:
         body = await self.api.body(request)
-        args = {**self._options(body), "messages": self._messages(body)}
+        args = {**self._options(body), **self._chat_options(body), "messages": self._messages(body)}
         model = str(body.get("model"))
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -216,8 +234,8 @@ class OpenAiRoutes:
         data = dumped(await while_connected(request.receive, lambda: self.api.invoke("chat", args)))
         payload = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
                    "model": model, "system_fingerprint": FINGERPRINT,
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": data["text"]},
-                                "logprobs": None, "finish_reason": _finish(data["finish_reason"])}],
+                   "choices": [{"index": 0, "message": data["message"], "logprobs": None,
+                                "finish_reason": _finish(data["finish_reason"], bool(data["tool_calls"]))}],
                    "usage": _usage(data)}
         if (timings := _timings(data)) is not None:
             payload["timings"] = timings
@@ -266,9 +284,25 @@ class OpenAiRoutes:
                     if chat:
                         await emit(chunk({"role": "assistant", "content": ""}))
 
+            calls = 0
+
             async def sink(update: Progress) -> None:
+                nonlocal calls
+                if not chat:
+                    if update.kind == "content":
+                        await start()
+                        await emit(chunk(update.text))
+                    return
+                if update.kind == "tool_call":
+                    if update.tool_call is None:
+                        return  # the call's raw text: its decoded form follows
+                    await start()
+                    await emit(chunk({"tool_calls": [{"index": calls, **update.tool_call}]}))
+                    calls += 1
+                    return
                 await start()
-                await emit(chunk({"content": update.text} if chat else update.text))
+                field = "reasoning_content" if update.kind == "reasoning" else "content"
+                await emit(chunk({field: update.text}))
 
             try:
                 result = await self.api.invoke(operation, args, Stream(sink))
@@ -282,7 +316,7 @@ class OpenAiRoutes:
                 return
             await start()
             data = dumped(result)
-            await emit(chunk({} if chat else "", _finish(data["finish_reason"])))
+            await emit(chunk({} if chat else "", _finish(data["finish_reason"], bool(data.get("tool_calls")))))
             if include_usage:
                 await emit(_sse({**base, "choices": [], "usage": _usage(data)}))
             await emit(DONE)

@@ -221,7 +221,12 @@ class Dispatcher:
             async def sink(update: Progress) -> None:
                 nonlocal sent
                 sent = True
-                await notify(_callback(request_id, "RKLLM_RUN_NORMAL", update.text, list(update.token_ids)))
+                callback = _callback(request_id, "RKLLM_RUN_NORMAL", update.text, list(update.token_ids))
+                if update.kind != "content":  # generate / chat read the reply by its model family
+                    callback["params"]["kind"] = update.kind
+                if update.tool_call is not None:
+                    callback["params"]["tool_call"] = update.tool_call
+                await notify(callback)
 
         key = json.dumps(request_id)
         with anyio.CancelScope() as scope:

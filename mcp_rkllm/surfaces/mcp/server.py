@@ -61,6 +61,21 @@ RESOURCES: dict[str, tuple[str, str]] = {
 }
 
 
+#: Progress messages that are not the reply's content start with one of these (see `progress_message`).
+PROGRESS_PREFIXES = {"reasoning": "reasoning: ", "tool_call": "tool_call: ", "content": "content: "}
+
+
+def progress_message(update: Progress) -> str:
+    """A progress message: content as it is, reasoning and tool-call text after `reasoning: ` / `tool_call: `.
+    Content that itself starts with one of the three prefixes gets `content: ` in front, so that stripping
+    one leading `content: ` and leaving out the prefixed kinds gives back exactly the content."""
+    if update.kind != "content":
+        return PROGRESS_PREFIXES[update.kind] + update.text
+    if update.text.startswith(tuple(PROGRESS_PREFIXES.values())):
+        return PROGRESS_PREFIXES["content"] + update.text
+    return update.text
+
+
 def error_result(error: RkllmError) -> CallToolResult:
     """The `is_error` tool result of a table error: the message and hint as text, the payload structured."""
     return CallToolResult(
@@ -143,7 +158,8 @@ def build_server(settings: Settings, runtime: Runtime | None = None, registry: R
 
     async def call_tool(ctx: ServerRequestContext[Engine], params: CallToolRequestParams) -> CallToolResult:
         async def progress(update: Progress) -> None:
-            await ctx.session.report_progress(update.progress, update.total, update.text)
+            if update.text:  # a decoded tool call has no text: it is in the result
+                await ctx.session.report_progress(update.progress, update.total, progress_message(update))
 
         # On Streamable HTTP the request that carries tools/call also carries its response stream, so
         # its disconnection means the client left; that app watches for it (DisconnectWatch). On SSE a

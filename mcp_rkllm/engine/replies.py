@@ -1,0 +1,101 @@
+"""Replies read by their model family, for the friendly calls (generate, chat): what streams, what returns,
+and how earlier turns go back to the model.
+
+`ReplyStream` sits between a run's relay and the caller's stream: each update's text goes through a
+`ReplyParser`, and what comes out is forwarded as updates of kind content, reasoning or tool_call
+(markers are dropped; the decoded call follows its raw text). `render_history` turns OpenAI-style
+messages (assistant tool calls, tool results) into the plain text turns the runtimes take.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+from mcp_rkllm.engine.parsing import Delta, ParseResult, ReplyParser
+from mcp_rkllm.engine.relay import NO_STREAM, Progress, Stream
+from mcp_rkllm.models.families import Family, family_named
+
+
+def with_tool_format(family: Family, tools_offered: bool) -> Family:
+    """`family`, or, when tools are offered to a family that has no call format of its own, the family with the
+    Hermes format (`<tool_call>{...}</tool_call>`) both runtimes prompt for by default."""
+    if family.tool_calls is not None or not tools_offered:
+        return family
+    return replace(family, tool_calls=family_named("qwen2.5").tool_calls)
+
+
+class ReplyStream:
+    """Forwards a run's updates to `stream`, split by `parser`. After the run, `finish()` sends what the parser
+    held back and returns the whole split."""
+
+    def __init__(self, stream: Stream, parser: ReplyParser):
+        self._sink = stream.sink
+        self._parser = parser
+        self._held_ids: list[int] = []
+        self._progress = 0
+        self._total: int | None = None
+        self.stream = Stream(self._forward if stream.sink is not None else None, stream.gone)
+
+    async def _send(self, deltas: list[Delta]) -> None:
+        assert self._sink is not None
+        for d in deltas:
+            if d.kind == "markup" or (d.kind != "tool_call" and not d.text):
+                continue
+            ids, self._held_ids = tuple(self._held_ids), []
+            kind = "tool_call" if d.kind in ("tool_text", "tool_call") else d.kind
+            await self._sink(Progress(self._progress, self._total, d.text, ids, kind,  # type: ignore[arg-type]
+                                      d.tool_call))
+
+    async def _forward(self, update: Progress) -> None:
+        self._progress, self._total = update.progress, update.total
+        self._held_ids.extend(update.token_ids)
+        await self._send(self._parser.feed(update.text))
+
+    async def finish(self, text: str) -> ParseResult:
+        """The split of the run's whole `text`. With a sink, the parser was fed as the run streamed: flush it
+        (sending its last deltas); without one, nothing was fed, and `text` is read at once."""
+        if self._sink is None:
+            self._parser.feed(text)
+            return self._parser.finish()
+        result = self._parser.finish()
+        await self._send(result.final_deltas)
+        return result
+
+
+def reply_stream(stream: Stream, family: Family) -> ReplyStream:
+    """A ReplyStream for `stream` (one with no sink forwards nothing)."""
+    return ReplyStream(stream if stream is not None else NO_STREAM, ReplyParser(family))
+
+
+def render_calls(family: Family, calls: list[dict[str, Any]]) -> str:
+    """An assistant turn's tool calls as the model writes them (JSON-payload families; others get the Hermes
+    form, which is what the tools prompt asks for)."""
+    fmt = with_tool_format(family, True).tool_calls
+    assert fmt is not None
+    objects = []
+    for call in calls:
+        fn = call.get("function", {})
+        try:
+            arguments = json.loads(fn.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            arguments = fn.get("arguments")
+        objects.append({"name": fn.get("name"), "arguments": arguments})
+    if fmt.payload != "json" or not fmt.start:
+        fmt = family_named("qwen2.5").tool_calls
+        assert fmt is not None
+    return "".join(f"{fmt.start}\n{json.dumps(o, ensure_ascii=False)}\n{fmt.end}" for o in objects)
+
+
+def render_history(family: Family, messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """OpenAI-style messages as the plain {role, content} turns the runtimes take: an assistant's tool calls
+    written out in the family's format after its text; tool results keep role "tool" (the runtimes wrap them
+    in the tool-response tag)."""
+    turns = []
+    for m in messages:
+        content = m.get("content") or ""
+        if m.get("tool_calls"):
+            content += ("\n" if content else "") + render_calls(family, m["tool_calls"])
+        turns.append({"role": m["role"], "content": content})
+    return turns
