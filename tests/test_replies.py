@@ -182,3 +182,37 @@ async def test_cpu_chat_with_tools_accounts_for_every_character(tmp_path: Path) 
         again = await client.call_tool("chat", {"temperature": 0, "max_new_tokens": 8, "messages": [
             {"role": "user", "content": "Say hello."}]})  # no tools now: they are taken back
         assert not again.is_error and again.structured_content["tool_calls"] == []  # type: ignore[index]
+
+
+def _run_example(env: dict[str, str], cwd: Path, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from tests.servers import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "agent_tools.py"), *args], capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO), **env}, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_agent_example_runs_the_tool_and_answers(tmp_path: Path) -> None:
+    """With a model that calls the tool (the fake, echoing a scripted call), the loop runs the call, sends the
+    result back and prints the answer."""
+    library = build_fake("1.3.0", version="1.3.0")
+    (tmp_path / "Qwen3-0.6B-w8a8.rkllm").write_bytes(b"fake model")
+    out = _run_example({"RKLLM_LIB_PATH": str(library), "MCP_RKLLM_MODELS": str(tmp_path),
+                        "MCP_RKLLM_CACHE_DIR": str(tmp_path)}, tmp_path, "Qwen3-0.6B-w8a8", f"{CALL} fake:eos=1")
+    assert '[the model called get_weather({"city": "Paris"}) -> {"city": "Paris", "temperature_c": 21' in out
+    assert "[qwen3 model answered after using the tool]" in out
+
+
+@pytest.mark.cpu
+@pytest.mark.slow
+def test_agent_example_runs_on_the_bundled_model(tmp_path: Path) -> None:
+    """A 135M model calls tools poorly; the example must still finish and say what the model did."""
+    require_cpu_runtime()
+    out = _run_example({"XDG_DATA_HOME": str(tmp_path)}, tmp_path)
+    assert "[smollm2 model answered" in out or "[the model called" in out, out
