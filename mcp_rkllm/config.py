@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     worker_timeout: float = _setting(
         30.0, "Seconds a model's worker process may go without answering (a call, or its heartbeat) before calls "
               "on that handle fail with RUNTIME_TIMEOUT.", "timeouts", metavar="SECONDS", gt=0)
+    keep_alive: float = _setting(
+        1800.0, "Seconds a loaded model may go unused before it is unloaded (a handle of any kind: loaded by name, "
+                "or by rkllm_init); 0 = never.", "timeouts", metavar="SECONDS", ge=0)
     load_timeout: float = _setting(
         600.0, "Seconds a model load (rkllm_init in a worker) may take.", "timeouts", metavar="SECONDS", gt=0)
 

@@ -14,6 +14,7 @@ records and never call into a runtime.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -146,6 +147,11 @@ def _json_depth(value: Any) -> int:
     return depth
 
 
+def visible(h: Handle, owner: str | None) -> bool:
+    """Whether a caller with `owner` may see the handle: shared handles are everyone's, others their owner's."""
+    return h.owner is None or h.owner == owner
+
+
 #: The system prompt given with tools when the conversation has none.
 DEFAULT_TOOLS_SYSTEM = "You are a helpful assistant."
 
@@ -195,6 +201,7 @@ class Engine:
         self._loading = 0
         self._reserved_domains: set[int] = set()
         self._reserved_bytes = 0
+        self._reaper: asyncio.Task[None] | None = None
 
     # ================================================================= life cycle
 
@@ -202,6 +209,8 @@ class Engine:
         """Open the runtime once (after the transport is up; never at import), on a thread: opening
         may start a probe worker or load a library. Counts users; concurrent first users wait for it."""
         self._users += 1
+        if self._reaper is None and self.settings.keep_alive > 0:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
         async with self._open_lock:
             if self._opened:
                 return
@@ -230,6 +239,9 @@ class Engine:
         self._users = max(0, self._users - 1)
         if self._users:
             return
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for handle in list(self.handles.values()):
             handle.slot.close()
             try:
@@ -254,9 +266,12 @@ class Engine:
 
     # ================================================================= handles
 
-    def get(self, handle: str, function: str) -> Handle:
-        """The handle; UNKNOWN_HANDLE, or RUNTIME_CRASHED if its worker died."""
+    def get(self, handle: str, function: str, owner: str | None = None) -> Handle:
+        """The handle, if `owner` may see it; UNKNOWN_HANDLE (the same answer as for a handle that never was:
+        another session's handles are not even confirmed to exist), or RUNTIME_CRASHED if its worker died."""
         h = self.handles.get(handle)
+        if h is not None and not visible(h, owner):
+            raise RkllmError("UNKNOWN_HANDLE", function=function, handle=handle)
         if h is None:
             crash = self.crashed.get(handle)
             if crash is not None:
@@ -264,16 +279,48 @@ class Engine:
             raise RkllmError("UNKNOWN_HANDLE", function=function, handle=handle)
         if isinstance(h.model, WorkerModel) and h.model.crash is not None:
             raise self._crashed(h, h.model.crash, function)
+        h.last_used = time.monotonic()
         return h
 
-    def default_handle_id(self, function: str) -> str:
-        """The handle a call that names none means: the default one, else the first loaded; UNKNOWN_HANDLE when
-        no model is loaded (nothing is loaded implicitly: the C-style calls never load)."""
+    def visible_handles(self, owner: str | None) -> list[Handle]:
+        """The handles `owner` may see: the shared ones and its own."""
+        return [h for h in self.handles.values() if visible(h, owner)]
+
+    async def release_owner(self, owner: str) -> list[str]:
+        """Free every handle `owner` made (its session or connection ended); their runs are aborted."""
+        mine = [h for h in self.handles.values() if h.owner == owner]
+        for h in mine:
+            try:
+                await self._destroy(h, "session end")
+            except RkllmError as exc:
+                log.warning("freeing handle %s of %s: %s", h.id, owner, exc.message)
+        if mine:
+            log.info("freed %d handle(s) of %s, which ended", len(mine), owner)
+        return [h.id for h in mine]
+
+    async def _reap_idle(self) -> None:
+        """Unload handles that no call has named for keep_alive seconds (and that are not running)."""
+        keep = self.settings.keep_alive
+        while True:
+            await anyio.sleep(min(max(keep / 4, 0.05), 30.0))
+            now = time.monotonic()
+            for h in list(self.handles.values()):
+                if not h.running and not h.slot.held and now - h.last_used > keep and h.id in self.handles:
+                    log.info("unloading handle %s (%s): idle for %.0f s (keep_alive)", h.id, h.model_name or
+                             h.param.model_path, now - h.last_used)
+                    try:
+                        await self._destroy(h, "keep_alive")
+                    except RkllmError as exc:
+                        log.warning("unloading idle handle %s: %s", h.id, exc.message)
+
+    def default_handle_id(self, function: str, owner: str | None = None) -> str:
+        """The handle a call that names none means: the default one, else the first loaded (of those `owner` may
+        see); UNKNOWN_HANDLE when none is loaded (nothing is loaded implicitly: the C-style calls never load)."""
         default = self.default_handle
-        if default is not None and default in self.handles:
+        if default is not None and default in self.handles and visible(self.handles[default], owner):
             return default
-        if self.handles:
-            return next(iter(self.handles))
+        for h in self.visible_handles(owner):
+            return h.id
         raise RkllmError("UNKNOWN_HANDLE", function=function, handle="(default: no model is loaded)")
 
     def _crashed(self, h: Handle, crash: RkllmError, function: str) -> RkllmError:
@@ -488,16 +535,17 @@ class Engine:
         if not p.param.model_path:
             raise RkllmError("INVALID_PARAMS", function="rkllm_init", detail="param.model_path is required")
         h = await self._load(p.param, "rkllm_init")
+        h.owner = stream.owner  # the calling session's own handle (shared when the caller has no session)
         return InitResult(handle=h.id, runtime=runtime.name, abi=runtime.abi, max_new_tokens=h.model.max_new_tokens)
 
     async def destroy(self, p: HandleParams, stream: Stream = NO_STREAM) -> DestroyResult:
         """rkllm_destroy: abort any run and free the handle."""
-        await self._destroy(self.get(p.handle, "rkllm_destroy"), "rkllm_destroy")
+        await self._destroy(self.get(p.handle, "rkllm_destroy", stream.owner), "rkllm_destroy")
         return DestroyResult(handle=p.handle)
 
     async def run(self, p: RunParams, stream: Stream = NO_STREAM) -> RunToolResult:
         """rkllm_run: the whole result, tokens streamed meanwhile."""
-        h = self.get(p.handle, "rkllm_run")
+        h = self.get(p.handle, "rkllm_run", stream.owner)
         s = self.settings
         async with h.slot.hold(s.busy_timeout, "rkllm_run", s.max_queued_runs):
             h.conversation = []  # chat's record of the KV cache no longer holds
@@ -507,7 +555,7 @@ class Engine:
 
     async def run_async(self, p: RunParams, stream: Stream = NO_STREAM) -> RunAsyncResult:
         """rkllm_run_async: start a run and return at once; the handle stays busy until it ends."""
-        h = self.get(p.handle, "rkllm_run_async")
+        h = self.get(p.handle, "rkllm_run_async", stream.owner)
         s = self.settings
         infer = self._confine_cache(p.rkllm_infer_params, "rkllm_run_async")
         self._check_prompt(p.rkllm_input, "rkllm_run_async")
@@ -535,7 +583,7 @@ class Engine:
     async def run_async_result(self, p: AsyncResultParams, stream: Stream = NO_STREAM) -> AsyncRunReport:
         """The latest rkllm_run_async run: text since `offset`, the result once done; with wait_seconds,
         waits for the end and streams new text meanwhile."""
-        h = self.get(p.handle, "rkllm_run_async_result")
+        h = self.get(p.handle, "rkllm_run_async_result", stream.owner)
         reader = h.async_run
         if reader is None:
             raise RkllmError("RUN_NOT_FOUND", function="rkllm_run_async_result", handle=p.handle)
@@ -557,20 +605,20 @@ class Engine:
 
     async def abort(self, p: HandleParams, stream: Stream = NO_STREAM) -> AbortResult:
         """rkllm_abort: stop the running inference (it ends with finish_reason "abort")."""
-        h = self.get(p.handle, "rkllm_abort")
+        h = self.get(p.handle, "rkllm_abort", stream.owner)
         was_running = await self._call(h, "rkllm_abort", h.model.is_running, abandon=True)
         await self._call(h, "rkllm_abort", h.model.abort, abandon=True)
         return AbortResult(handle=p.handle, was_running=was_running)
 
     async def is_running(self, p: HandleParams, stream: Stream = NO_STREAM) -> RunningResult:
         """rkllm_is_running."""
-        h = self.get(p.handle, "rkllm_is_running")
+        h = self.get(p.handle, "rkllm_is_running", stream.owner)
         running = await self._call(h, "rkllm_is_running", h.model.is_running, abandon=True)
         return RunningResult(handle=p.handle, running=running)
 
     async def clear_kv_cache(self, p: ClearKvParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_clear_kv_cache."""
-        h = self.get(p.handle, "rkllm_clear_kv_cache")
+        h = self.get(p.handle, "rkllm_clear_kv_cache", stream.owner)
         await self._slot_call(h, "rkllm_clear_kv_cache", h.model.clear_kv_cache, p.keep_system_prompt, p.start_pos,
                               p.end_pos)
         h.conversation = []
@@ -578,21 +626,21 @@ class Engine:
 
     async def get_kv_cache_size(self, p: HandleParams, stream: Stream = NO_STREAM) -> KvSizeResult:
         """rkllm_get_kv_cache_size."""
-        h = self.get(p.handle, "rkllm_get_kv_cache_size")
+        h = self.get(p.handle, "rkllm_get_kv_cache_size", stream.owner)
         return KvSizeResult(handle=p.handle,
                             cache_sizes=await self._call(h, "rkllm_get_kv_cache_size", h.model.get_kv_cache_size,
                                                          abandon=True))
 
     async def set_chat_template(self, p: ChatTemplateParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_set_chat_template."""
-        h = self.get(p.handle, "rkllm_set_chat_template")
+        h = self.get(p.handle, "rkllm_set_chat_template", stream.owner)
         await self._slot_call(h, "rkllm_set_chat_template", h.model.set_chat_template, p.system_prompt,
                               p.prompt_prefix, p.prompt_postfix)
         return Ok(handle=p.handle)
 
     async def set_function_tools(self, p: FunctionToolsParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_set_function_tools; `tools` is a JSON array (given as text or as the array)."""
-        h = self.get(p.handle, "rkllm_set_function_tools")
+        h = self.get(p.handle, "rkllm_set_function_tools", stream.owner)
         try:
             tools = p.tools if isinstance(p.tools, str) else json.dumps(p.tools, ensure_ascii=False)
             parsed = json.loads(tools)
@@ -612,13 +660,13 @@ class Engine:
 
     async def set_cross_attn_params(self, p: CrossAttnParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_set_cross_attn_params."""
-        h = self.get(p.handle, "rkllm_set_cross_attn_params")
+        h = self.get(p.handle, "rkllm_set_cross_attn_params", stream.owner)
         await self._slot_call(h, "rkllm_set_cross_attn_params", h.model.set_cross_attn_params, p.cross_attn_params)
         return Ok(handle=p.handle)
 
     async def load_lora(self, p: LoraParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_load_lora (the adapter must lie inside the model roots)."""
-        h = self.get(p.handle, "rkllm_load_lora")
+        h = self.get(p.handle, "rkllm_load_lora", stream.owner)
         path = self.paths.model_file(p.lora_adapter.lora_adapter_path, "rkllm_load_lora")
         adapter = p.lora_adapter.model_copy(update={"lora_adapter_path": path})
         await self._slot_call(h, "rkllm_load_lora", h.model.load_lora, adapter)
@@ -626,7 +674,7 @@ class Engine:
 
     async def load_prompt_cache(self, p: PromptCacheParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_load_prompt_cache (from the cache directory or the model roots)."""
-        h = self.get(p.handle, "rkllm_load_prompt_cache")
+        h = self.get(p.handle, "rkllm_load_prompt_cache", stream.owner)
         path = self.paths.cache_file(p.prompt_cache_path, "rkllm_load_prompt_cache", write=False)
         await self._slot_call(h, "rkllm_load_prompt_cache", h.model.load_prompt_cache, path)
         h.conversation = []
@@ -634,7 +682,7 @@ class Engine:
 
     async def release_prompt_cache(self, p: HandleParams, stream: Stream = NO_STREAM) -> Ok:
         """rkllm_release_prompt_cache."""
-        h = self.get(p.handle, "rkllm_release_prompt_cache")
+        h = self.get(p.handle, "rkllm_release_prompt_cache", stream.owner)
         await self._slot_call(h, "rkllm_release_prompt_cache", h.model.release_prompt_cache)
         return Ok(handle=p.handle)
 
@@ -679,17 +727,30 @@ class Engine:
     async def unload_model(self, p: UnloadParams, stream: Stream = NO_STREAM) -> UnloadResult:
         """Free one handle, or every handle of a model name, aborting their runs."""
         if p.handle is not None:
-            handles = [self.get(p.handle, "unload_model")]
+            handles = [self.get(p.handle, "unload_model", stream.owner)]
         else:
-            wanted = (p.model or "").lower()
-            handles = [h for h in self.handles.values() if h.model_name is not None
-                       and h.model_name.lower().startswith(wanted)]
-            if not handles:
-                raise RkllmError("MODEL_NOT_FOUND", function="unload_model", name=p.model,
-                                 detail=" among loaded models")
+            handles = self._loaded_named(p.model or "", stream.owner)
         for h in handles:
             await self._destroy(h, "unload_model")
         return UnloadResult(unloaded=[h.id for h in handles])
+
+    def _loaded_named(self, name: str, owner: str | None) -> list[Handle]:
+        """The handles (that `owner` may see) of the loaded model called `name`: its exact name or file name,
+        else a prefix of exactly one loaded model's name. Never everything: an empty name is INVALID_PARAMS and
+        a prefix of several models MODEL_AMBIGUOUS."""
+        wanted = name.strip().lower()
+        if not wanted:
+            raise RkllmError("INVALID_PARAMS", function="unload_model", detail="model: a model name is required")
+        loaded = [(h, h.model_name) for h in self.visible_handles(owner) if h.model_name is not None]
+        exact = [h for h, n in loaded if wanted in (n.lower(), Path(h.param.model_path or "").name.lower())]
+        if exact:
+            return exact
+        names = sorted({n for _, n in loaded if n.lower().startswith(wanted)})
+        if len(names) > 1:
+            raise RkllmError("MODEL_AMBIGUOUS", function="unload_model", name=name, candidates=names)
+        if not names:
+            raise RkllmError("MODEL_NOT_FOUND", function="unload_model", name=name, detail=" among loaded models")
+        return [h for h, n in loaded if n == names[0]]
 
     async def loaded_models(self, p: LoadedParams | None = None, stream: Stream = NO_STREAM) -> LoadedResult:
         """The loaded handles, from the engine's own records (never a call into a runtime)."""
@@ -698,25 +759,24 @@ class Engine:
             LoadedEntry(handle=h.id, model=h.model_name, path=h.param.model_path, runtime=runtime, running=h.running,
                         runs=h.runs, loaded_at=h.loaded_at, default=h.id == self.default_handle,
                         pid=h.model.pid if isinstance(h.model, WorkerModel) else None)
-            for h in self.handles.values()])
+            for h in self.visible_handles(stream.owner)])
 
     # ================================================================= friendly generation
 
-    async def _target(self, p: Sampling, function: str) -> Handle:
-        """The handle a friendly call runs on, loading the default model if nothing is loaded."""
+    async def _target(self, p: Sampling, function: str, owner: str | None) -> Handle:
+        """The handle a friendly call runs on, loading the default model if nothing is loaded. A model loaded by
+        name is shared server-wide; a session's own rkllm_init handles are used only by that session."""
         if p.handle is not None:
-            return self.get(p.handle, function)
+            return self.get(p.handle, function, owner)
         async with self._default_lock:
             if p.model is not None:
                 info = await anyio.to_thread.run_sync(self.store.resolve, p.model)
-                for h in self.handles.values():
+                for h in self.visible_handles(owner):
                     if h.param.model_path == str(info.path):
-                        return h
+                        return self.get(h.id, function, owner)
                 return await self._load_info(info, None, function)
-            if self.default_handle in self.handles:
-                return self.handles[self.default_handle]
-            if self.handles:
-                return next(iter(self.handles.values()))
+            for h in sorted(self.visible_handles(owner), key=lambda h: h.id != self.default_handle):
+                return self.get(h.id, function, owner)
             return await self._load_info(await anyio.to_thread.run_sync(self._default_model, function), None, function)
 
     def _default_model(self, function: str) -> ModelInfo:
@@ -736,7 +796,7 @@ class Engine:
 
     async def generate(self, p: GenerateParams, stream: Stream = NO_STREAM) -> GenerateResult:
         """A reply to `prompt` (chat template applied), streamed."""
-        h = await self._target(p, "generate")
+        h = await self._target(p, "generate", stream.owner)
         s = self.settings
         async with h.slot.hold(s.busy_timeout, "generate", s.max_queued_runs):
             h.conversation = []
@@ -755,7 +815,7 @@ class Engine:
         Checking the handle's history, priming or clearing the KV cache and the run happen under one
         hold of the handle's slot, so no other call can change the cache in between.
         """
-        h = await self._target(p, "chat")
+        h = await self._target(p, "chat", stream.owner)
         messages = [m.model_dump(exclude={"reasoning_content"}) for m in p.messages]
         tools = [t.model_dump() for t in p.tools] if p.tools and p.tool_choice == "auto" else None
         family = with_tool_format(h.family, tools is not None)
@@ -809,7 +869,7 @@ class Engine:
 
     async def embed(self, p: EmbedParams, stream: Stream = NO_STREAM) -> EmbedResult:
         """An embedding of `text`: the last hidden layer pooled over the tokens (mean or last)."""
-        h = await self._target(Sampling(model=p.model, handle=p.handle), "embed")
+        h = await self._target(Sampling(model=p.model, handle=p.handle), "embed", stream.owner)
         s = self.settings
         async with h.slot.hold(s.busy_timeout, "embed", s.max_queued_runs):
             h.conversation = []
@@ -847,16 +907,17 @@ class Engine:
 
     async def server_status(self, p: StatusParams | None = None, stream: Stream = NO_STREAM) -> StatusResult:
         """What the server runs on; never calls into a runtime."""
-        return self.status()
+        return self.status(stream.owner)
 
-    def status(self) -> StatusResult:
-        """What server_status returns (also the rkllm://status resource)."""
+    def status(self, owner: str | None = None) -> StatusResult:
+        """What server_status returns (also the rkllm://status resource): the handles `owner` may see."""
         default = self.default_handle if self.default_handle in self.handles else None
+        mine = [h.id for h in self.visible_handles(owner)]
         return StatusResult(
             version=__version__, runtime=self.runtime.describe() if self.runtime else None,
             runtime_choice=self.settings.runtime, runtime_reason=self.runtime_reason,
             runtime_error=self.runtime_error.to_dict() if self.runtime_error else None,
-            loaded=len(self.handles), default_handle=default, default_model=self.settings.model,
+            loaded=len(mine), default_handle=default, default_model=self.settings.model,
             model_roots=[str(r) for r in self.store.roots], uptime_s=round(time.time() - self.started, 1),
-            pid=os.getpid(), handles=list(self.handles), rss_mb=process_memory_mb("VmRSS"),
+            pid=os.getpid(), handles=mine, rss_mb=process_memory_mb("VmRSS"),
             peak_rss_mb=process_memory_mb())

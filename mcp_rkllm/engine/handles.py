@@ -187,6 +187,11 @@ class Handle:
     loaded_at: float = field(default_factory=time.time)
     freed: bool = False
     """A client freed it (rkllm_destroy / unload_model): its worker's exit is no crash."""
+    owner: str | None = None
+    """The session or connection that made it with rkllm_init (only it sees the handle, and the handle goes when
+    it ends); None for a handle shared server-wide (loaded by name, or made without a session)."""
+    last_used: float = field(default_factory=time.monotonic)
+    """When a call last named it (handles idle longer than keep_alive are unloaded)."""
     family: Family = DEFAULT
     """How this model's replies mark reasoning and tool calls (from its file name or sidecar)."""
     chat_tools: tuple[str, str] | None = None

@@ -64,10 +64,13 @@ GoneCheck = Callable[[], Awaitable[bool]]
 
 @dataclass(frozen=True)
 class Stream:
-    """Where a call's streamed output goes (None: nowhere) and how to tell its client has left."""
+    """The context of one call: where its streamed output goes (None: nowhere), how to tell its client has left,
+    and who calls (`owner`: the MCP session or JSON-RPC connection; None for a caller with no session, such as
+    a stateless HTTP request). Handles a session makes with rkllm_init are visible to that session only."""
 
     sink: StreamSink | None = None
     gone: GoneCheck | None = None
+    owner: str | None = None
 
 
 #: A call with nobody listening to its progress.

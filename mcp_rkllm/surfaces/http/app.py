@@ -4,12 +4,17 @@ bearer token, Host/Origin checks and the body-size limit. Later routes (OpenAI, 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import secrets
+from collections.abc import AsyncIterator
 from typing import Any
+
+import anyio
 
 from mcp_rkllm.config import Settings, is_loopback
 from mcp_rkllm.surfaces.http.disconnect import DisconnectWatch
-from mcp_rkllm.surfaces.mcp.server import RkllmServer
+from mcp_rkllm.surfaces.mcp.server import CONNECTION_OWNER, RkllmServer
 
 
 def transport_security(settings: Settings) -> Any:
@@ -85,11 +90,39 @@ def http_app(server: RkllmServer, settings: Settings) -> Any:
     routes = [metrics_route(server, settings), *api_routes(server.registry, server.engine, settings)]
     if "jsonrpc" in settings.api:
         routes.append(jsonrpc_route(server, settings))
-    app: Any = DisconnectWatch(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
+    app: Any = SessionEnd(DisconnectWatch(server.streamable_http_app(streamable_http_path="/mcp", host=settings.host,
                                                       transport_security=transport_security(settings),
                                                       max_request_body_size=settings.max_request_bytes,
-                                                      custom_starlette_routes=routes))
+                                                      custom_starlette_routes=routes)), server)
     return app
+
+
+class SessionEnd:
+    """ASGI middleware: when a client ends its Streamable HTTP session (DELETE /mcp with its Mcp-Session-Id),
+    the handles the session made with rkllm_init are freed."""
+
+    def __init__(self, app: Any, server: RkllmServer):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        session = None
+        if scope["type"] == "http" and scope["method"] == "DELETE":
+            session = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"mcp-session-id"), None)
+        if session is None:
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def watched(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watched)
+        if 200 <= status < 300:
+            await self.server.engine.release_owner(f"mcp-{session}")
 
 
 def jsonrpc_route(server: RkllmServer, settings: Settings) -> Any:
@@ -131,11 +164,28 @@ def sse_app(server: RkllmServer, settings: Settings) -> Any:
                                    max_request_body_size=settings.max_request_bytes)
 
     async def handle_sse(request: Request) -> Response:
-        async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
-            await server.run(read, write, server.create_initialization_options())
+        owner = f"mcp-sse-{secrets.token_hex(6)}"  # this connection is one session: it owns its handles
+        token = CONNECTION_OWNER.set(owner)
+        try:
+            async with transport.connect_sse(request.scope, request.receive, request._send) as (read, write):
+                await server.run(read, write, server.create_initialization_options())
+        finally:
+            CONNECTION_OWNER.reset(token)
+            with anyio.CancelScope(shield=True):
+                await server.engine.release_owner(owner)
         return Response()
 
-    return Starlette(routes=[Route("/sse", endpoint=handle_sse, methods=["GET"]),
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        # One engine user for the app's life: models loaded by name outlive any one SSE connection.
+        await server.engine.open()
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await server.engine.close()
+
+    return Starlette(lifespan=lifespan, routes=[Route("/sse", endpoint=handle_sse, methods=["GET"]),
                              Mount("/messages/", app=transport.handle_post_message), metrics_route(server, settings)])
 
 

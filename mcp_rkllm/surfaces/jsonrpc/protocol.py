@@ -84,6 +84,9 @@ class Peer:
     """Whether the client has left (runs are then aborted)."""
     requests: dict[str, anyio.CancelScope] = field(default_factory=dict)
     """This connection's requests in flight, by JSON id, for `$/cancelRequest`."""
+    owner: str | None = None
+    """Who owns the handles this peer makes with rkllm.init: its connection (freed when it closes), or None
+    (shared: a stateless HTTP request)."""
 
 
 class FlatRun(Sampling):
@@ -210,7 +213,7 @@ class Dispatcher:
             raise RpcError(METHOD_NOT_FOUND, f"Method not found: {method}",
                            {"methods": [*self.methods, "rpc.discover", "$/cancelRequest"]})
         try:
-            arguments, streamed = self.arguments(spec, method, params)
+            arguments, streamed = self.arguments(spec, method, params, peer.owner)
         except RkllmError as exc:
             raise RpcError.of(exc) from None
         sink = None
@@ -233,7 +236,8 @@ class Dispatcher:
             if not notification:
                 peer.requests[key] = scope
             try:
-                result = await self.registry.invoke(spec.name, arguments, self.engine, Stream(sink, peer.gone))
+                result = await self.registry.invoke(spec.name, arguments, self.engine,
+                                                    Stream(sink, peer.gone, peer.owner))
             except RkllmError as exc:
                 if sent:
                     await sink_end(peer, request_id, "RKLLM_RUN_ERROR")
@@ -247,7 +251,8 @@ class Dispatcher:
             await sink_end(peer, request_id, "RKLLM_RUN_FINISH")
         return result.model_dump(mode="json")
 
-    def arguments(self, spec: OperationSpec, method: str, params: Any) -> tuple[dict[str, Any], bool]:
+    def arguments(self, spec: OperationSpec, method: str, params: Any,
+                  owner: str | None = None) -> tuple[dict[str, Any], bool]:
         """The operation's arguments from any of the three forms, and whether to stream. RkllmError
         INVALID_PARAMS for a wrong arity or shape, UNKNOWN_HANDLE for a null handle with no model loaded."""
         streamed = True
@@ -267,10 +272,10 @@ class Dispatcher:
                     del arguments[c_name]
             if spec.name in ("rkllm_run", "rkllm_run_async") and "rkllm_input" not in arguments \
                     and "prompt" in arguments:
-                arguments = self._flat_run(spec, arguments)
+                arguments = self._flat_run(spec, arguments, owner)
         handle = spec.params.model_fields.get("handle")
         if handle is not None and handle.is_required() and arguments.get("handle") is None:
-            arguments["handle"] = self.engine.default_handle_id(spec.name)
+            arguments["handle"] = self.engine.default_handle_id(spec.name, owner)
         return arguments, streamed
 
     @staticmethod
@@ -296,7 +301,7 @@ class Dispatcher:
                 arguments[target] = value
         return arguments
 
-    def _flat_run(self, spec: OperationSpec, arguments: dict[str, Any]) -> dict[str, Any]:
+    def _flat_run(self, spec: OperationSpec, arguments: dict[str, Any], owner: str | None) -> dict[str, Any]:
         try:
             flat = FlatRun.model_validate(arguments)
         except ValidationError as exc:
@@ -305,8 +310,8 @@ class Dispatcher:
         if flat.model is not None:
             raise RkllmError("INVALID_PARAMS", function=spec.name,
                              detail="model: rkllm.run runs on a handle; call generate to run by model name")
-        handle = flat.handle or self.engine.default_handle_id(spec.name)
-        infer = flat.infer(self.engine.get(handle, spec.name).param, bool(flat.keep_history))
+        handle = flat.handle or self.engine.default_handle_id(spec.name, owner)
+        infer = flat.infer(self.engine.get(handle, spec.name, owner).param, bool(flat.keep_history))
         rkllm_input = {"prompt_input": flat.prompt, "role": flat.role, "enable_thinking": flat.enable_thinking}
         return {"handle": handle, "rkllm_input": rkllm_input,
                 "rkllm_infer_params": infer.model_dump(mode="json", exclude_none=True)}

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import select
 import socket
 import stat
@@ -106,7 +107,7 @@ class Connection:
         self.stream = stream
         self.dispatcher = dispatcher
         self.max_line_bytes = max_line_bytes
-        self.peer = Peer(notify=self.send)
+        self.peer = Peer(notify=self.send, owner=f"jsonrpc-{secrets.token_hex(6)}")
         self._write_lock = anyio.Lock()
         self._in_flight = anyio.Semaphore(MAX_IN_FLIGHT)
         self._running = 0
@@ -140,6 +141,8 @@ class Connection:
                 if self._running:
                     tg.start_soon(self._watch_hangup)
         finally:
+            with anyio.CancelScope(shield=True):
+                await self.dispatcher.engine.release_owner(self.peer.owner or "")  # its rkllm.init handles
             with contextlib.suppress(Exception):
                 await self.stream.aclose()
 

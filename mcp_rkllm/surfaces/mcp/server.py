@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -74,6 +75,21 @@ def progress_message(update: Progress) -> str:
     if update.text.startswith(tuple(PROGRESS_PREFIXES.values())):
         return PROGRESS_PREFIXES["content"] + update.text
     return update.text
+
+
+#: The connection a request belongs to on transports where one connection is one session (SSE, stdio): set
+#: around `server.run`, so every request handler of that connection sees it.
+CONNECTION_OWNER: ContextVar[str | None] = ContextVar("mcp_rkllm_connection_owner", default=None)
+
+
+def owner_of(request: Any) -> str | None:
+    """Who owns the handles a request makes: its connection (SSE), its Streamable HTTP session (the
+    Mcp-Session-Id header), or nobody (None: stateless requests, stdio's single client) - then they are shared."""
+    owner = CONNECTION_OWNER.get()
+    if owner is None and isinstance(request, Request):
+        session = request.headers.get("mcp-session-id")
+        owner = f"mcp-{session}" if session else None
+    return owner
 
 
 def error_result(error: RkllmError) -> CallToolResult:
@@ -166,7 +182,8 @@ def build_server(settings: Settings, runtime: Runtime | None = None, registry: R
         # tools/call is a POST answered at once, and that app does not watch: no check there.
         gone = gone_check(ctx.request.scope) if isinstance(ctx.request, Request) else None
         try:
-            result = await registry.invoke(params.name, params.arguments, engine, Stream(progress, gone))
+            result = await registry.invoke(params.name, params.arguments, engine,
+                                           Stream(progress, gone, owner_of(ctx.request)))
         except UnknownOperation as exc:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {exc.name}",
                            data={"known_tools": exc.known}) from None
