@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 Transport = Literal["stdio", "http", "sse", "jsonrpc"]
 HttpApi = Literal["openai", "ollama", "rockchip", "jsonrpc"]
+ToolGroup = Literal["friendly", "rkllm", "rknn", "all"]
 RuntimeChoice = Literal["auto", "native", "cpu"]
 Isolation = Literal["auto", "process", "none"]
 Abi = Literal["1.2.0", "1.2.1", "1.3.0"]
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
     allowed_hosts: tuple[str, ...] = _setting(
         (), "Host headers accepted on a non-loopback address (host or host:port).", "serving",
         shown="any (the token guards)", metavar="HOST", separator=",")
+    tools: tuple[ToolGroup, ...] = _setting(
+        ("all",), "MCP tool groups exported: `friendly` (generate, chat, models, status), `rkllm` (the C functions "
+                  "1:1), `rknn`, or `all`. JSON-RPC always serves every method.", "serving", metavar="GROUP",
+        separator=",")
     api: tuple[HttpApi, ...] = _setting(
         ("openai", "ollama", "rockchip", "jsonrpc"), "HTTP surfaces mounted beside `/mcp` (`--transport http`): "
         "`openai` (`/v1`), `ollama` (`/api`), `rockchip` (RockchipLlama's `/v1/models/...` and `/v1/health`), "

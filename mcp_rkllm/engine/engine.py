@@ -34,7 +34,7 @@ from mcp_rkllm.engine.handles import AsyncRunReader, Handle
 from mcp_rkllm.engine.limits import enforce
 from mcp_rkllm.engine.metrics import Metrics
 from mcp_rkllm.engine.parsing import ParseResult
-from mcp_rkllm.engine.relay import NO_STREAM, Progress, Relay, Stream
+from mcp_rkllm.engine.relay import NO_STREAM, Progress, Relay, Stream, heartbeat
 from mcp_rkllm.engine.replies import render_history, reply_stream, with_tool_format
 from mcp_rkllm.engine.types import (
     AbortResult,
@@ -367,7 +367,7 @@ class Engine:
             return await self._call(h, function, fn, *args)
 
     async def _load(self, param: RKLLMParam, function: str, model_name: str | None = None,
-                    template: ChatTemplate | None = None) -> Handle:
+                    template: ChatTemplate | None = None, stream: Stream = NO_STREAM) -> Handle:
         """rkllm_init through the runtime (then the sidecar's chat template), after the checks the
         hardware needs; registers the handle once it is ready."""
         runtime = self.require_runtime(function)
@@ -393,8 +393,10 @@ class Engine:
         try:
             # Shielded: a load runs to its end (configured, or failed) even if its caller leaves, so that
             # it is either handed over or freed here, never left behind half-done.
-            with anyio.CancelScope(shield=True):
-                model = await anyio.to_thread.run_sync(self._init_model, runtime, param, template)
+            what = f"loading {model_name or Path(param.model_path or '?').name}"
+            async with heartbeat(stream, what):  # an NPU load takes up to a minute: say so every second
+                with anyio.CancelScope(shield=True):
+                    model = await anyio.to_thread.run_sync(self._init_model, runtime, param, template)
             try:
                 await anyio.lowlevel.checkpoint()  # raises if the caller was cancelled meanwhile
             except anyio.get_cancelled_exc_class():
@@ -532,9 +534,14 @@ class Engine:
     async def init(self, p: InitParams, stream: Stream = NO_STREAM) -> InitResult:
         """rkllm_init: load a model from `param` (overlaid on the defaults) and return its handle."""
         runtime = self.require_runtime("rkllm_init")
-        if not p.param.model_path:
+        path = p.param.model_path
+        if not path:
             raise RkllmError("INVALID_PARAMS", function="rkllm_init", detail="param.model_path is required")
-        h = await self._load(p.param, "rkllm_init")
+        param = p.param
+        if "/" not in path and Path(path).suffix.lower() not in (".rkllm", ".gguf"):  # a model name (list_models)
+            info = await anyio.to_thread.run_sync(self.store.resolve, path)
+            param = param.model_copy(update={"model_path": str(info.path)})
+        h = await self._load(param, "rkllm_init", stream=stream)
         h.owner = stream.owner  # the calling session's own handle (shared when the caller has no session)
         return InitResult(handle=h.id, runtime=runtime.name, abi=runtime.abi, max_new_tokens=h.model.max_new_tokens)
 
@@ -699,7 +706,8 @@ class Engine:
             models=[ModelEntry(**m.to_dict(), loadable=m.runtime == runtime) for m in scan.models],
             roots=[str(r) for r in self.store.roots], runtime=runtime, problems=[p.message for p in scan.problems])
 
-    async def _load_info(self, info: ModelInfo, param: RKLLMParam | None, function: str) -> Handle:
+    async def _load_info(self, info: ModelInfo, param: RKLLMParam | None, function: str,
+                         stream: Stream = NO_STREAM) -> Handle:
         runtime = self.require_runtime(function)
         if info.runtime != runtime.name:
             raise RkllmError("NOT_SUPPORTED", function=function, what=f"loading {info.file}",
@@ -709,7 +717,8 @@ class Engine:
             raise RkllmError("INVALID_PARAMS", function=function, detail="param.model_path: give the model by name")
         base = info.sidecar.param if info.sidecar else RKLLMParam()
         merged = overlay_param(base, param or RKLLMParam()).model_copy(update={"model_path": str(info.path)})
-        h = await self._load(merged, function, info.name, info.sidecar.chat_template if info.sidecar else None)
+        h = await self._load(merged, function, info.name, info.sidecar.chat_template if info.sidecar else None,
+                             stream)
         h.family = info.family  # the sidecar's family, if it names one
         if self.default_handle not in self.handles:
             self.default_handle = h.id
@@ -718,7 +727,7 @@ class Engine:
     async def load_model(self, p: LoadModelParams, stream: Stream = NO_STREAM) -> LoadModelResult:
         """Load a model by name; a new handle each call, the first becomes the default."""
         info = await anyio.to_thread.run_sync(self.store.resolve, p.model)
-        h = await self._load_info(info, p.param, "load_model")
+        h = await self._load_info(info, p.param, "load_model", stream)
         runtime = self.require_runtime("load_model")
         return LoadModelResult(handle=h.id, model=info.name, path=str(info.path), runtime=runtime.name,
                                abi=runtime.abi, max_new_tokens=h.model.max_new_tokens,
@@ -763,9 +772,10 @@ class Engine:
 
     # ================================================================= friendly generation
 
-    async def _target(self, p: Sampling, function: str, owner: str | None) -> Handle:
+    async def _target(self, p: Sampling, function: str, stream: Stream) -> Handle:
         """The handle a friendly call runs on, loading the default model if nothing is loaded. A model loaded by
         name is shared server-wide; a session's own rkllm_init handles are used only by that session."""
+        owner = stream.owner
         if p.handle is not None:
             return self.get(p.handle, function, owner)
         async with self._default_lock:
@@ -774,10 +784,11 @@ class Engine:
                 for h in self.visible_handles(owner):
                     if h.param.model_path == str(info.path):
                         return self.get(h.id, function, owner)
-                return await self._load_info(info, None, function)
+                return await self._load_info(info, None, function, stream)
             for h in sorted(self.visible_handles(owner), key=lambda h: h.id != self.default_handle):
                 return self.get(h.id, function, owner)
-            return await self._load_info(await anyio.to_thread.run_sync(self._default_model, function), None, function)
+            default = await anyio.to_thread.run_sync(self._default_model, function)
+            return await self._load_info(default, None, function, stream)
 
     def _default_model(self, function: str) -> ModelInfo:
         if self.settings.model:
@@ -796,7 +807,7 @@ class Engine:
 
     async def generate(self, p: GenerateParams, stream: Stream = NO_STREAM) -> GenerateResult:
         """A reply to `prompt` (chat template applied), streamed."""
-        h = await self._target(p, "generate", stream.owner)
+        h = await self._target(p, "generate", stream)
         s = self.settings
         async with h.slot.hold(s.busy_timeout, "generate", s.max_queued_runs):
             h.conversation = []
@@ -815,7 +826,7 @@ class Engine:
         Checking the handle's history, priming or clearing the KV cache and the run happen under one
         hold of the handle's slot, so no other call can change the cache in between.
         """
-        h = await self._target(p, "chat", stream.owner)
+        h = await self._target(p, "chat", stream)
         messages = [m.model_dump(exclude={"reasoning_content"}) for m in p.messages]
         tools = [t.model_dump() for t in p.tools] if p.tools and p.tool_choice == "auto" else None
         family = with_tool_format(h.family, tools is not None)
@@ -869,7 +880,7 @@ class Engine:
 
     async def embed(self, p: EmbedParams, stream: Stream = NO_STREAM) -> EmbedResult:
         """An embedding of `text`: the last hidden layer pooled over the tokens (mean or last)."""
-        h = await self._target(Sampling(model=p.model, handle=p.handle), "embed", stream.owner)
+        h = await self._target(Sampling(model=p.model, handle=p.handle), "embed", stream)
         s = self.settings
         async with h.slot.hold(s.busy_timeout, "embed", s.max_queued_runs):
             h.conversation = []

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -37,6 +37,10 @@ DISCONNECT_POLL_SECONDS = 0.25
 #: Under load, updates go out at most this often (what arrives meanwhile is batched).
 MIN_INTERVAL_SECONDS = 0.005
 
+#: While a model loads or a prompt is read, a status update goes out this often (clients that reset their
+#: timeout on progress then wait as long as it takes).
+HEARTBEAT_SECONDS = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Progress:
@@ -45,13 +49,14 @@ class Progress:
     `kind` says what the text is when the reply is read by its model family (generate, chat): "content"
     (for the user), "reasoning", or "tool_call" (the raw text of a call; the decoded call, OpenAI-shaped,
     comes in `tool_call` of an update with no text). Runs of the C-level calls are all "content".
+    "status" is a heartbeat while nothing else can be said (`loading Qwen3… 4 s`, `reading the prompt… 2 s`).
     """
 
     progress: int
     total: int | None
     text: str
     token_ids: tuple[int, ...] = ()
-    kind: Literal["content", "reasoning", "tool_call"] = "content"
+    kind: Literal["content", "reasoning", "tool_call", "status"] = "content"
     tool_call: dict[str, Any] | None = None
 
 
@@ -75,6 +80,35 @@ class Stream:
 
 #: A call with nobody listening to its progress.
 NO_STREAM = Stream()
+
+
+@contextlib.asynccontextmanager
+async def heartbeat(stream: Stream, what: str, still: Callable[[], bool] = lambda: True) -> AsyncIterator[None]:
+    """While the body runs (and `still()` holds), send `"{what}… N s"` as a status update every
+    HEARTBEAT_SECONDS (nothing when the stream has no sink). A sink that fails (the client left) just ends it."""
+    sink = stream.sink
+    if sink is None:
+        yield
+        return
+    started = time.monotonic()
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            if not still():
+                return
+            try:
+                await sink(Progress(0, None, f"{what}… {time.monotonic() - started:.0f} s", kind="status"))
+            except Exception:
+                return
+
+    task = asyncio.ensure_future(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 class LoopSignal:
@@ -228,7 +262,13 @@ class Relay:
 
     async def _relay_until_end(self) -> None:
         """Pump until the run's thread has ended and every update is out; with a `gone` check, also
-        watch the client and end with a cancellation when it has left."""
+        watch the client and end with a cancellation when it has left. Until the first token, a status
+        heartbeat says the prompt is being read."""
+        async with heartbeat(self._stream if self.first_token_at is None else NO_STREAM, "reading the prompt",
+                             lambda: self.first_token_at is None and not self._ended):
+            await self._relay_watching()
+
+    async def _relay_watching(self) -> None:
         if self._stream.gone is None:
             await self._pump()
             return

@@ -49,6 +49,10 @@ class ReplyStream:
                                       d.tool_call))
 
     async def _forward(self, update: Progress) -> None:
+        if update.kind == "status":  # a heartbeat, not model output
+            assert self._sink is not None
+            await self._sink(update)
+            return
         self._progress, self._total = update.progress, update.total
         self._held_ids.extend(update.token_ids)
         await self._send(self._parser.feed(update.text))

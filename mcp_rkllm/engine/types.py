@@ -147,7 +147,7 @@ class ChatTemplateParams(Params):
 
 class FunctionToolsParams(Params):
     handle: HandleId
-    system_prompt: str
+    system_prompt: str = Field(description="The system prompt the tool descriptions are added to.")
     tools: str | list[dict[str, Any]] = Field(
         description='OpenAI-style tools: a JSON array of {"type": "function", "function": {...}}, '
                     "as a string or as the array itself.")
@@ -255,16 +255,24 @@ class Sampling(Params):
 
     model: str | None = Field(None, description="Model name; default: the loaded default model.")
     handle: HandleId | None = Field(None, description="A handle from load_model / rkllm_init.")
-    max_new_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy (deterministic).")
-    top_k: int | None = Field(None, ge=0, le=1_000_000)
-    top_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, ge=0, le=100)
-    frequency_penalty: float | None = Field(None, ge=-100, le=100)
-    presence_penalty: float | None = Field(None, ge=-100, le=100)
-    mirostat: Literal[0, 1, 2] | None = None
-    mirostat_tau: float | None = Field(None, ge=0, le=100)
-    mirostat_eta: float | None = Field(None, ge=0, le=100)
+    max_new_tokens: int | None = Field(None, ge=1, le=1_000_000, description="Most tokens to generate "
+                                       "(default: the model's init value; per run needs RKLLM 1.3.0 on the NPU).")
+    temperature: float | None = Field(None, ge=0, le=100, description="Randomness, typically 0-1.5 (default 0.8): "
+                                      "0 = greedy, the same reply every time; higher = more varied.")
+    top_k: int | None = Field(None, ge=0, le=1_000_000, description="Sample from the k likeliest tokens (default "
+                                                                   "40); 1 = greedy.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Sample from the likeliest tokens whose "
+                                                            "probabilities add up to p, 0-1 (default 0.9).")
+    repeat_penalty: float | None = Field(None, ge=0, le=100, description="Above 1 discourages repeating recent "
+                                                                       "tokens (default 1.1; 1 = off).")
+    frequency_penalty: float | None = Field(None, ge=-100, le=100, description="Lowers a token's odds the more "
+                                            "often it appeared, typically 0-2 (default 0).")
+    presence_penalty: float | None = Field(None, ge=-100, le=100, description="Lowers the odds of any token that "
+                                           "appeared already, typically 0-2 (default 0).")
+    mirostat: Literal[0, 1, 2] | None = Field(None, description="Mirostat sampling: 0 off (default), 1 or 2 "
+                                                                "(targets a constant surprise, mirostat_tau).")
+    mirostat_tau: float | None = Field(None, ge=0, le=100, description="Mirostat's target surprise (default 5).")
+    mirostat_eta: float | None = Field(None, ge=0, le=100, description="Mirostat's learning rate (default 0.1).")
 
     def infer(self, param: RKLLMParam, keep_history: bool,
               mode: RKLLMInferMode = RKLLMInferMode.RKLLM_INFER_GENERATE) -> RKLLMInferParam:
@@ -367,8 +375,8 @@ class ChatResult(GenerateResult):
 
 
 class EmbedParams(Params):
-    text: str = Field(min_length=1)
-    model: str | None = None
+    text: str = Field(min_length=1, description="The text to embed (no chat template is applied).")
+    model: str | None = Field(None, description="Model name; default: the loaded default model.")
     handle: HandleId | None = None
     pooling: Literal["mean", "last"] = Field("mean", description="How token vectors become one.")
     normalize: bool = Field(True, description="Scale the vector to unit length.")

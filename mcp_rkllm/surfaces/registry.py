@@ -71,6 +71,16 @@ def validation_detail(exc: ValidationError) -> tuple[str, list[dict[str, Any]]]:
     return "; ".join(f"{e['field']}: {e['problem']}" for e in errors), errors
 
 
+def _target(params: Params | None, result: BaseModel | None) -> str:
+    """The ` handle=… model=…` part of a call's log line (what the call ran on, when it says)."""
+    parts = []
+    for key in ("handle", "model"):
+        value = getattr(result, key, None) or getattr(params, key, None)
+        if isinstance(value, str):
+            parts.append(f"{key}={value}")
+    return (" " + " ".join(parts)) if parts else ""
+
+
 class Registry:
     """The operations a server exports, by name."""
 
@@ -105,18 +115,28 @@ class Registry:
         UnknownOperation; cancellation propagates. Counts the call in the engine's metrics."""
         spec = self.spec(name)
         started = anyio.current_time()
+        params: Params | None = None
         try:
             params = self.validate(spec, arguments)
             engine.enforce_limits(params, name)
             result = await spec.call(engine, params, stream)
         except anyio.get_cancelled_exc_class():
+            log.info("%s%s: cancelled after %.0f ms", name, _target(params, None),
+                     (anyio.current_time() - started) * 1000)
             raise  # a cancelled call has no outcome to count
         except Exception as exc:
             if not isinstance(exc, RkllmError):
                 log.exception("operation %s failed", name)
-            engine.metrics.call(name, False, (anyio.current_time() - started) * 1000)
-            raise as_error(exc, name) from None
-        engine.metrics.call(name, True, (anyio.current_time() - started) * 1000)
+            ms = (anyio.current_time() - started) * 1000
+            engine.metrics.call(name, False, ms)
+            error = as_error(exc, name)
+            log.info("%s%s: %s after %.0f ms (%s)", name, _target(params, None), error.code, ms, error.message)
+            raise error from None
+        ms = (anyio.current_time() - started) * 1000
+        engine.metrics.call(name, True, ms)
+        tokens = getattr(result, "token_count", None)
+        log.info("%s%s: ok in %.0f ms%s", name, _target(params, result), ms,
+                 f", {tokens} tokens" if tokens is not None else "")
         return result
 
     def markdown_table(self) -> str:

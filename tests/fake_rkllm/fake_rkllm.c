@@ -18,6 +18,7 @@
  *      crash=N     SIGSEGV after N tokens        delay_ms=N   sleep N ms before each token
  *      eos=N       stop (EOS) after N tokens     finish_after_abort  send FINISH after an abort
  *      stamp       each token's text is " <CLOCK_MONOTONIC ns>" (for latency benchmarks)
+ *      load_ms=N   rkllm_init sleeps N ms (a slow load; in the model path or $FAKE_RKLLM_TRIGGERS)
  *    and $FAKE_RKLLM_FAIL=<function name> makes that function return -1.
  *  - prints log lines to stdout like the real runtime does (the server must keep them off the wire).
  * With -DFAKE_VERSION="X.Y.Z" it embeds "rkllm-runtime version: X.Y.Z" like the real library.
@@ -422,6 +423,8 @@ static bool env_fails(const char *fn) {
     return f && strstr(f, fn) != NULL;
 }
 
+static void sleep_ms(long ms);
+
 /* ------------------------------------------------------------------ handles */
 
 #define MAX_LORA 8
@@ -553,6 +556,9 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
         fflush(stdout);
         return -1;
     }
+    long load_ms = trigger_in(param->model_path, "load_ms");
+    if (load_ms < 0) load_ms = trigger_in(getenv("FAKE_RKLLM_TRIGGERS"), "load_ms");
+    if (load_ms > 0) sleep_ms(load_ms);  /* a slow load, like a big model on the NPU */
     if (access(param->model_path, R_OK) != 0) {
         printf("E rkllm: failed to open model file %s\n", param->model_path);
         fflush(stdout);

@@ -293,6 +293,9 @@ class OllamaRoutes:
             calls: list[dict[str, Any]] = []
 
             async def sink(update: Progress) -> None:
+                if update.kind == "status":  # a heartbeat: a line with no text (every line must carry a message)
+                    await emit(json.dumps(line(""), ensure_ascii=False).encode() + b"\n")
+                    return
                 if update.kind == "tool_call":
                     if update.tool_call is not None:  # Ollama sends each call whole, in a line of its own
                         calls.append(update.tool_call)

@@ -288,6 +288,9 @@ class OpenAiRoutes:
 
             async def sink(update: Progress) -> None:
                 nonlocal calls
+                if update.kind == "status":  # a heartbeat: an SSE comment keeps the connection and client alive
+                    await emit(b": " + update.text.encode() + b"\n\n")
+                    return
                 if not chat:
                     if update.kind == "content":
                         await start()
