@@ -33,7 +33,8 @@ readline.createInterface({ input: conn }).on("line", (line) => {
   const msg = JSON.parse(line);
   if (msg.method === "rkllm.callback") {
     const call = pending.get(msg.params.request_id);
-    if (call && call.onText && msg.params.text) call.onText(msg.params.text);
+    // The reply's content; callbacks with a "kind" carry reasoning or tool-call text, and heartbeats no text.
+    if (call && call.onText && msg.params.text && !msg.params.kind) call.onText(msg.params.text);
   } else if (pending.has(msg.id)) {
     const call = pending.get(msg.id);
     pending.delete(msg.id);

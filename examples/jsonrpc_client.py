@@ -37,8 +37,8 @@ class Rpc:
         for line in self.lines:
             reply = json.loads(line)
             if reply.get("method") == "rkllm.callback" and reply["params"]["request_id"] == request_id:
-                if on_text is not None and reply["params"]["text"]:
-                    on_text(reply["params"]["text"])
+                if on_text is not None and reply["params"]["text"] and "kind" not in reply["params"]:
+                    on_text(reply["params"]["text"])  # the reply's content (not reasoning, tool calls, heartbeats)
             elif reply.get("id") == request_id:
                 if "error" in reply:
                     error = reply["error"]

@@ -83,6 +83,8 @@ def _sample(spec: SettingSpec, other: bool = False) -> tuple[Any, list[str]]:
         value: Any = choices[1 if other and len(choices) > 1 else 0]
     elif spec.name == "api":
         value = ("ollama",) if other else ("openai", "jsonrpc")
+    elif spec.name == "tools":
+        value = ("rkllm",) if other else ("friendly", "rknn")
     elif spec.repeatable:
         value = ("c",) if other else ("a", "b")
     elif spec.name == "socket_mode":
@@ -193,7 +195,7 @@ def test_choices_ignore_case() -> None:
 
 
 def test_list_settings_are_split_in_the_environment() -> None:
-    assert set(LIST_SETTINGS) == {"models", "allowed_hosts", "api", "cors_origin"}
+    assert set(LIST_SETTINGS) == {"models", "allowed_hosts", "api", "cors_origin", "tools"}
     sep = os.pathsep  # paths as in PATH; hosts by commas, since host:port and IPv6 addresses hold colons
     s = Settings.load({}, {"MCP_RKLLM_MODELS": f"/a{sep}{sep}/b{sep}",
                            "MCP_RKLLM_ALLOWED_HOSTS": "x.lan, y.lan:8000,,[::1]:80"})

@@ -62,9 +62,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture
 def handle(server: Server) -> Iterator[str]:
-    """A fresh handle on m.rkllm, destroyed after the test."""
+    """A fresh shared handle on m.rkllm (loaded by name: every connection may use it), freed after the test.
+    (rkllm.init handles belong to their connection and go when it closes: see test_ownership.py.)"""
     with server.connect() as c:
-        h = c.result("rkllm.init", {"param": {"model_path": "m.rkllm", "max_new_tokens": 12}})["handle"]
+        h = c.result("load_model", {"model": "m", "param": {"max_new_tokens": 12}})["handle"]
     yield h
     with server.connect() as c:
         c.call("rkllm.destroy", {"handle": h})

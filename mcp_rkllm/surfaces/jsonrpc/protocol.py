@@ -224,6 +224,11 @@ class Dispatcher:
             async def sink(update: Progress) -> None:
                 nonlocal sent
                 sent = True
+                if update.kind == "status":  # a heartbeat (loading, reading the prompt): no text of the reply
+                    callback = _callback(request_id, "RKLLM_RUN_WAITING", "", [])
+                    callback["params"]["status"] = update.text
+                    await notify(callback)
+                    return
                 callback = _callback(request_id, "RKLLM_RUN_NORMAL", update.text, list(update.token_ids))
                 if update.kind != "content":  # generate / chat read the reply by its model family
                     callback["params"]["kind"] = update.kind
