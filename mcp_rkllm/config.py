@@ -120,6 +120,11 @@ class Settings(BaseSettings):
         "serving", shown="none (CORS off)", metavar="ORIGIN", separator=",")
     log_level: LogLevel = _setting(
         "INFO", "Level of the server's log on stderr: `DEBUG`, `INFO`, `WARNING` or `ERROR`.", "serving")
+    server_id: str | None = _setting(
+        None, "This server's name in a fleet: sent in the `X-RKLLM-Server` header of every HTTP response, "
+              "returned by server_status, and hashed into its handle ids so a proxy can route a handle to its "
+              "board (see Several boards).", "serving", shown="`<hostname>:<port>`", metavar="NAME",
+        pattern=r"^[\x21-\x7e]{1,128}$")
 
     # -- timeouts
     busy_timeout: float = _setting(
@@ -135,6 +140,10 @@ class Settings(BaseSettings):
                 "or by rkllm_init); 0 = never.", "timeouts", metavar="SECONDS", ge=0)
     load_timeout: float = _setting(
         600.0, "Seconds a model load (rkllm_init in a worker) may take.", "timeouts", metavar="SECONDS", gt=0)
+    shutdown_grace: float = _setting(
+        30.0, "Seconds SIGTERM lets running generations finish over HTTP (`--transport http`/`sse`) while new "
+              "requests are refused; what still runs then is aborted, and the server exits 0.", "timeouts",
+        metavar="SECONDS", ge=0)
 
     # -- limits, checked before anything reaches the runtime (LIMIT_EXCEEDED names the limit and the value)
     max_prompt_bytes: int = _setting(

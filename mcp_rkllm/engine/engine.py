@@ -15,11 +15,13 @@ records and never call into a runtime.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -192,6 +194,10 @@ class Engine:
                                 Path(settings.cache_dir) if settings.cache_dir else default_cache_dir())
         self.metrics = Metrics()
         self.started = time.time()
+        self.server_id = settings.server_id or f"{socket.gethostname()}:{settings.port}"
+        """This server's name in a fleet (the X-RKLLM-Server header, server_status)."""
+        self.route_tag = hashlib.sha256(self.server_id.encode()).hexdigest()[:8]
+        """Starts every handle id (`h-<route_tag>-<random>`): a proxy routes a request naming a handle by it."""
         self._users = 0
         self._opened = runtime is not None
         self._default_lock = anyio.Lock()
@@ -437,7 +443,7 @@ class Engine:
         return size
 
     def _add(self, model: LoadedModel, param: RKLLMParam, model_name: str | None = None) -> Handle:
-        handle = "h-" + secrets.token_hex(6)
+        handle = f"h-{self.route_tag}-{secrets.token_hex(8)}"  # the board's tag, then 64 unguessable bits
         if isinstance(model, WorkerModel):
             model.set_label(handle)  # worker processes log and fail under their handle
         h = Handle(handle, model, param, model_name=model_name, family=family_for(param.model_path or ""))
@@ -930,5 +936,5 @@ class Engine:
             runtime_error=self.runtime_error.to_dict() if self.runtime_error else None,
             loaded=len(mine), default_handle=default, default_model=self.settings.model,
             model_roots=[str(r) for r in self.store.roots], uptime_s=round(time.time() - self.started, 1),
-            pid=os.getpid(), handles=mine, rss_mb=process_memory_mb("VmRSS"),
+            pid=os.getpid(), handles=mine, server_id=self.server_id, rss_mb=process_memory_mb("VmRSS"),
             peak_rss_mb=process_memory_mb())

@@ -425,4 +425,5 @@ class StatusResult(Result):
     rss_mb: float = Field(description="The server process's resident memory (workers not included).")
     peak_rss_mb: float
     handles: list[str] = Field(default_factory=list, description="The loaded handles (see loaded_models).")
+    server_id: str | None = Field(None, description="This server's name in a fleet (the X-RKLLM-Server header).")
 

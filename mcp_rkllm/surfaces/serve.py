@@ -79,9 +79,9 @@ async def serve(settings: Settings) -> None:
     elif settings.transport == "http" and settings.socket:
         await serve_http_and_socket(server, settings)
     elif settings.transport == "http":
-        await serve_http(protect(http_app(server, settings), settings), settings)
+        await serve_http(protect(http_app(server, settings), settings), settings, server.engine)
     else:
-        await serve_http(protect(sse_app(server, settings), settings), settings)
+        await serve_http(protect(sse_app(server, settings), settings), settings, server.engine)
 
 
 async def serve_http_and_socket(server: RkllmServer, settings: Settings) -> None:
@@ -93,5 +93,5 @@ async def serve_http_and_socket(server: RkllmServer, settings: Settings) -> None
     async with anyio.create_task_group() as tg:
         tg.start_soon(serve_jsonrpc, Dispatcher(server.registry, server.engine), settings.socket,
                       settings.socket_mode, settings.max_request_bytes, False)  # uvicorn owns the signals
-        await serve_http(protect(http_app(server, settings), settings), settings)
+        await serve_http(protect(http_app(server, settings), settings), settings, server.engine)
         tg.cancel_scope.cancel()

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 
 from mcp_rkllm.config import Settings, is_loopback
+from mcp_rkllm.engine.engine import Engine
 from mcp_rkllm.surfaces.http.disconnect import DisconnectWatch
 from mcp_rkllm.surfaces.mcp.server import CONNECTION_OWNER, RkllmServer
 
@@ -189,12 +190,19 @@ def sse_app(server: RkllmServer, settings: Settings) -> Any:
                              Mount("/messages/", app=transport.handle_post_message), metrics_route(server, settings)])
 
 
-async def serve_http(app: Any, settings: Settings) -> None:
-    """Serve an ASGI app with uvicorn on settings.host:settings.port."""
+async def serve_http(app: Any, settings: Settings, engine: Engine | None = None) -> None:
+    """Serve an ASGI app with uvicorn on settings.host:settings.port. With the server's `engine`, as a board of a
+    fleet: /healthz, /readyz, the X-RKLLM-Server header, and a drain on SIGTERM (surfaces/http/health.py)."""
+    import math
+
     import uvicorn
 
-    config = uvicorn.Config(app, host=settings.host.strip("[]"), port=settings.port,
-                            log_level=settings.log_level.lower(), lifespan="on")
+    from mcp_rkllm.surfaces.http.health import DrainingServer, Fleet
+
+    fleet = Fleet(engine, settings) if engine is not None else None
+    config = uvicorn.Config(fleet.wrap(app) if fleet is not None else app, host=settings.host.strip("[]"),
+                            port=settings.port, log_level=settings.log_level.lower(), lifespan="on",
+                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace))
     # uvicorn stops on SIGTERM/SIGINT, then raises the signal again for the handler it found installed: with
     # the default one, the process would die there, before the caller's own cleanup (the JSON-RPC socket
     # file). A handler that does nothing lets serve() return, and the process exit 0 after cleaning up.
@@ -204,4 +212,4 @@ async def serve_http(app: Any, settings: Settings) -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-    await uvicorn.Server(config).serve()
+    await DrainingServer(config, fleet).serve()
