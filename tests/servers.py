@@ -78,3 +78,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+def progress_content(messages: list[str | None]) -> str:
+    """The reply's content from MCP progress messages: heartbeats (`status: `), reasoning and tool-call text
+    left out, a `content: ` escape removed (see mcp_rkllm.surfaces.mcp.server.progress_message)."""
+    from mcp_rkllm.surfaces.mcp.server import PROGRESS_PREFIXES
+
+    other = tuple(p for kind, p in PROGRESS_PREFIXES.items() if kind != "content")
+    return "".join((m or "").removeprefix(PROGRESS_PREFIXES["content"]) for m in messages
+                   if not (m or "").startswith(other))

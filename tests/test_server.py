@@ -16,6 +16,7 @@ from mcp_rkllm.config import Settings
 from mcp_rkllm.errors import ERRORS
 from mcp_rkllm.surfaces.mcp import build_server
 from tests.conftest import FakeView
+from tests.servers import progress_content
 
 pytestmark = pytest.mark.anyio
 
@@ -309,7 +310,7 @@ async def test_run_async_streams_through_result_calls(client: Client, model_file
     assert final["done"] and final["result"]["finish_reason"] == "length"
     assert first["text"] + final["text"] == final["result"]["text"]
     # progress carries the text generated while waiting: a tail of the whole text, in order
-    assert seen and final["result"]["text"].endswith("".join(seen))
+    assert seen and final["result"]["text"].endswith(progress_content(seen))
     busy_free = await call(client, "rkllm_run", {"handle": h, "rkllm_input": {"prompt_input": "next"},
                                                  "rkllm_infer_params": {"max_new_tokens": 1}})
     assert busy_free["text"] == "next"
@@ -357,7 +358,7 @@ async def test_fast_runtime_is_coalesced_and_loses_nothing(client: Client, model
     r = await call(client, "rkllm_run", {"handle": h, "rkllm_input": {"prompt_input": "tok en"}},
                    progress_callback=on_progress)
     assert r["token_count"] == 20000
-    assert "".join(messages) == r["text"]
+    assert progress_content(messages) == r["text"]
     assert len(messages) < 20000 / 2  # coalesced (one notification per token would be ~15000)
 
 
