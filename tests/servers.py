@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-def progress_content(messages: list[str | None]) -> str:
+def progress_content(messages: Sequence[str | None]) -> str:
     """The reply's content from MCP progress messages: heartbeats (`status: `), reasoning and tool-call text
     left out, a `content: ` escape removed (see mcp_rkllm.surfaces.mcp.server.progress_message)."""
     from mcp_rkllm.surfaces.mcp.server import PROGRESS_PREFIXES
