@@ -104,10 +104,9 @@ def test_openai_chat_streamed_equals_non_streamed_with_usage(board: Board) -> No
 
 def test_openai_fields_that_cannot_be_honoured_are_400_naming_them(board: Board) -> None:
     base: Any = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-    for extra, param in (({"n": 2}, "n"), ({"seed": 7}, "seed"), ({"stop": ["\n"]}, "stop"),
+    for extra, param in (({"n": 2}, "n"), ({"seed": 7}, "seed"),
                          ({"logprobs": True}, "logprobs"), ({"response_format": {"type": "json_object"}},
-                                                            "response_format"),
-                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")):
+                                                            "response_format")):
         with pytest.raises(openai.BadRequestError) as err:
             board.oai.chat.completions.create(**base, **extra)
         assert err.value.param == param, extra
@@ -131,6 +130,17 @@ def test_openai_fields_that_cannot_be_honoured_are_400_naming_them(board: Board)
     assert unauth.status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=board.base + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_stop_sequences_end_the_reply(board: Board) -> None:
+    ask: Any = [{"role": "user", "content": "alpha beta gamma delta fake:delay_ms=20"}]
+    whole = board.oai.chat.completions.create(model="m", messages=ask, stop=["gamma"], max_tokens=50)
+    assert whole.choices[0].message.content == "alpha beta " and whole.choices[0].finish_reason == "stop"
+    chunks = list(board.oai.chat.completions.create(model="m", messages=ask, stop="gamma", max_tokens=50,
+                                                    stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "alpha beta "
+    r = board.oll.chat(model="m", messages=ask, options={"stop": ["gamma"], "num_predict": 50})
+    assert r.message.content == "alpha beta " and r.done_reason == "stop"
 
 
 def test_openai_embeddings_and_completions(board: Board) -> None:

@@ -37,7 +37,7 @@ from mcp_rkllm.engine.limits import enforce
 from mcp_rkllm.engine.metrics import Metrics
 from mcp_rkllm.engine.parsing import ParseResult
 from mcp_rkllm.engine.relay import NO_STREAM, Progress, Relay, Stream, heartbeat
-from mcp_rkllm.engine.replies import render_history, reply_stream, with_tool_format
+from mcp_rkllm.engine.replies import StopWatch, render_history, reply_stream, with_tool_format
 from mcp_rkllm.engine.types import (
     AbortResult,
     AsyncResultParams,
@@ -161,6 +161,16 @@ DEFAULT_TOOLS_SYSTEM = "You are a helpful assistant."
 def _system_prompt(turns: list[dict[str, str]]) -> str:
     """The conversation's system prompt (the first system turn's text), "" when it has none."""
     return next((t["content"] for t in turns if t["role"] == "system"), "")
+
+
+async def _stopped(result: RunResult, watch: StopWatch | None) -> RunResult:
+    """The run's result cut at its first stop string: a run that met one ends with "stop", not "abort"."""
+    if watch is None:
+        return result
+    text = await watch.finish(result.text)
+    if watch.cut is None:
+        return result
+    return result.model_copy(update={"text": text, "finish_reason": "stop"})
 
 
 def _understood(parsed: ParseResult, family: Family) -> dict[str, Any]:
@@ -820,8 +830,11 @@ class Engine:
             await self._offer_tools(h, None, "generate")
             family = with_tool_format(h.family, False)
             replies = reply_stream(stream, family)
+            watch = self._stop_watch(h, p.stop, replies.stream, "generate")
             result = await self._relay(h, RKLLMInput(prompt_input=p.prompt, enable_thinking=p.enable_thinking),
-                                       p.infer(h.param, p.keep_history), replies.stream, "generate")
+                                       p.infer(h.param, p.keep_history), watch.stream if watch else replies.stream,
+                                       "generate")
+            result = await _stopped(result, watch)
             parsed = await replies.finish(result.text)
         return GenerateResult(**_understood(parsed, family), finish_reason=result.finish_reason,
                               token_count=result.token_count, perf=result.perf, handle=h.id, model=h.model_name)
@@ -855,15 +868,19 @@ class Engine:
                 await self._call(h, "chat", h.model.clear_kv_cache, 0, None, None)
                 prompt = _flatten(turns)
             replies = reply_stream(stream, family)
+            watch = self._stop_watch(h, p.stop, replies.stream, "chat")
             result = await self._relay(h, RKLLMInput(prompt_input=prompt, role=role, enable_thinking=p.enable_thinking),
-                                       p.infer(h.param, True), replies.stream, "chat")
+                                       p.infer(h.param, True), watch.stream if watch else replies.stream, "chat")
+            result = await _stopped(result, watch)
             parsed = await replies.finish(result.text)
             understood = _understood(parsed, family)
             content = (understood["content"] or None) if parsed.tool_calls else understood["content"]
             reply = ChatMessage.model_validate({"role": "assistant", "content": content,
                                                 "tool_calls": parsed.tool_calls or None}
                                                ).model_dump(exclude={"reasoning_content"})
-            h.conversation = [*messages, reply] if result.finish_reason != "abort" else []
+            # A run cut at a stop string left more in the KV cache than the reply: do not build on it.
+            kept = result.finish_reason != "abort" and (watch is None or watch.cut is None)
+            h.conversation = [*messages, reply] if kept else []
         message = {"role": "assistant", "content": reply["content"]}
         if parsed.reasoning is not None:
             message["reasoning_content"] = parsed.reasoning
@@ -872,6 +889,12 @@ class Engine:
         return ChatResult(**understood, message=message, finish_reason=result.finish_reason,
                           token_count=result.token_count, perf=result.perf, handle=h.id, model=h.model_name,
                           reused_history=reused)
+
+    def _stop_watch(self, h: Handle, stop: list[str] | None, downstream: Stream, function: str) -> StopWatch | None:
+        """A StopWatch that aborts the run on `h` at the first stop string, or None without stop strings."""
+        if not stop:
+            return None
+        return StopWatch(stop, downstream, lambda: self._abort_model(h, function))
 
     async def _offer_tools(self, h: Handle, tools: tuple[str, str] | None, function: str) -> bool:
         """Give the runtime the chat's (system prompt, tools JSON), or take earlier ones back (an empty list);

@@ -10,6 +10,7 @@ messages (assistant tool calls, tool results) into the plain text turns the runt
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -103,3 +104,59 @@ def render_history(family: Family, messages: list[dict[str, Any]]) -> list[dict[
             content += ("\n" if content else "") + render_calls(family, m["tool_calls"])
         turns.append({"role": m["role"], "content": content})
     return turns
+
+
+class StopWatch:
+    """Stop sequences over a run's raw text: forwards the text to `downstream`, holding back what could still be
+    the start of a stop string; when one appears, `on_stop()` is awaited (it aborts the run) and nothing from
+    the stop string on is forwarded. `cut_text(text)` is the run's text up to the first stop string."""
+
+    def __init__(self, stops: list[str], downstream: Stream, on_stop: Callable[[], Awaitable[None]]):
+        self._stops = stops
+        self._hold = max(len(s) for s in stops) - 1
+        self._sink = downstream.sink
+        self._on_stop = on_stop
+        self._text = ""
+        self._sent = 0
+        self._ids: list[int] = []
+        self.cut: int | None = None
+        self.stream = Stream(self._forward, downstream.gone, downstream.owner)
+
+    async def _emit(self, update: Progress, end: int) -> None:
+        if self._sink is not None and end > self._sent:
+            ids, self._ids = tuple(self._ids), []
+            await self._sink(Progress(update.progress, update.total, self._text[self._sent:end], ids))
+        self._sent = max(self._sent, end)
+
+    def _find(self, start: int) -> int:
+        hits = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
+        return min(hits) if hits else -1
+
+    async def _forward(self, update: Progress) -> None:
+        if update.kind == "status":
+            if self._sink is not None:
+                await self._sink(update)
+            return
+        if self.cut is not None:
+            return
+        start = max(0, len(self._text) - self._hold)
+        self._text += update.text
+        self._ids.extend(update.token_ids)
+        found = self._find(start)
+        if found >= 0:
+            self.cut = found
+            await self._emit(update, found)
+            await self._on_stop()
+            return
+        await self._emit(update, len(self._text) - self._hold)
+
+    async def finish(self, text: str) -> str:
+        """The run's `text` up to its first stop string (all of it when none came); what was held back goes out."""
+        if self.cut is None:  # a safety net: the updates already were searched as they came
+            self._text = text
+            found = self._find(0)
+            self.cut = found if found >= 0 else None
+        final = text[:self.cut] if self.cut is not None else text
+        self._text = final
+        await self._emit(Progress(0, None, ""), len(final))
+        return final

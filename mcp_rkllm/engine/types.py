@@ -273,6 +273,8 @@ class Sampling(Params):
                                                                 "(targets a constant surprise, mirostat_tau).")
     mirostat_tau: float | None = Field(None, ge=0, le=100, description="Mirostat's target surprise (default 5).")
     mirostat_eta: float | None = Field(None, ge=0, le=100, description="Mirostat's learning rate (default 0.1).")
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, max_length=16, description="Stop when the reply writes one of these strings (not included in it).")
 
     def infer(self, param: RKLLMParam, keep_history: bool,
               mode: RKLLMInferMode = RKLLMInferMode.RKLLM_INFER_GENERATE) -> RKLLMInferParam:

@@ -6,8 +6,8 @@ has `message` (chat), the last has `done: true`, `done_reason` and the durations
 from the runtime's perf stats. An empty prompt (or no messages) loads the model (`done_reason: "load"`);
 with `keep_alive: 0` it unloads it (`"unload"`), and `keep_alive: 0` on a generation unloads after it.
 Other keep_alive values keep the model loaded (this server does not expire models yet: `/api/ps` says so
-with a far-future `expires_at`). Options the runtime cannot honour (`seed`, `stop`) and tools are a 400
-naming them; unknown options are ignored, as Ollama does. `/api/pull` downloads nothing: a model that is
+with a far-future `expires_at`). `options.stop` ends the reply at a stop string; an option the runtime cannot
+honour (`seed`) is a 400 naming it; unknown options are ignored, as Ollama does. `/api/pull` downloads nothing: a model that is
 here answers success, another 404 naming the model directories.
 """
 
@@ -37,8 +37,7 @@ OLLAMA_VERSION = "0.9.0"
 #: Reported as the expiry of a model that stays loaded until it is unloaded.
 FOREVER = "2999-12-31T23:59:59Z"
 
-_OPTION_UNSUPPORTED = {"seed": "the runtimes take no seed (use temperature 0 for repeatable output)",
-                       "stop": "stop sequences are not supported yet"}
+_OPTION_UNSUPPORTED = {"seed": "the runtimes take no seed (use temperature 0 for repeatable output)"}
 
 
 def _now() -> str:
@@ -209,6 +208,9 @@ class OllamaRoutes:
             if options.get(name) not in (None, [], ""):
                 raise unsupported(f"options.{name}", why)
         args: dict[str, Any] = {**self.api.model_ref(body.get("model")), **sampling(options)}
+        stop = options.get("stop")
+        if stop:
+            args["stop"] = [stop] if isinstance(stop, str) else stop
         predict = options.get("num_predict")
         if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0:
             args["max_new_tokens"] = predict

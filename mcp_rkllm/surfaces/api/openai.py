@@ -3,7 +3,8 @@
 `model` is a model name (loaded on first use, like `generate`) or a handle id. Streams are SSE
 `chat.completion.chunk`s: the role once in the first delta, content deltas, a finish chunk with an empty
 delta, the usage chunk when `stream_options.include_usage`, then `data: [DONE]`. A field the runtime cannot
-honour (`n` > 1, `seed`, `stop`, `logprobs`, images, ...) is a 400 naming it, never silently ignored;
+honour (`n` > 1, `seed`, `logprobs`, images, ...) is a 400 naming it, never silently ignored; `stop` ends the
+reply at the first stop string (the run is aborted there);
 fields that change nothing (`user`, `metadata`, `store`, `parallel_tool_calls`, ...) are accepted. Errors
 have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status from the one table
 in `errors.py`. `/v1/completions` applies the model's chat template (as Ollama does), like `generate`.
@@ -36,7 +37,6 @@ FINGERPRINT = f"mcp-rkllm-{__version__}"
 _UNSUPPORTED = {
     "n": "only one choice per request (n = 1)",
     "seed": "the runtimes take no seed (use temperature 0 for repeatable output)",
-    "stop": "stop sequences are not supported yet",
     "logprobs": "log probabilities are not available from the runtime",
     "top_logprobs": "log probabilities are not available from the runtime",
     "logit_bias": "logit bias is not supported",
@@ -183,6 +183,9 @@ class OpenAiRoutes:
             if field in body and not _harmless(field, body[field]):
                 raise unsupported(field, why)
         args: dict[str, Any] = {**self.api.model_ref(body.get("model")), **sampling(body)}
+        stop = body.get("stop")
+        if stop:
+            args["stop"] = [stop] if isinstance(stop, str) else stop
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None:
             args["max_new_tokens"] = limit
