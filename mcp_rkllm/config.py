@@ -158,6 +158,9 @@ class Settings(BaseSettings):
         1 << 20, "Most floats a run may return in one output array (hidden states, logits): rows x width after "
                  "`output_rows`. Checked before the output is computed where the runtime knows its size; over it "
                  "is LIMIT_EXCEEDED saying how many rows fit.", "limits", metavar="N", ge=1)
+    max_items: int = _setting(
+        1024, "Most entries in one list of objects or strings: chat messages, tools, JSON-RPC batch entries, "
+              "embedding inputs.", "limits", metavar="N", ge=1)
     max_new_tokens: int = _setting(
         1 << 16, "Largest `max_new_tokens` a client may ask for, at load and per run.", "limits", metavar="N", ge=1)
     max_context_len: int = _setting(

@@ -1,7 +1,8 @@
 """Size limits on tool arguments, checked before anything reaches the runtime.
 
 Every string (prompts, templates, tool lists, messages) is bounded in UTF-8 bytes, every token id
-array and float array in items, and `max_new_tokens` / `max_context_len` wherever they appear.
+array and float array in items, every other list (messages, tools) in entries, and `max_new_tokens` /
+`max_context_len` wherever they appear.
 A violation is LIMIT_EXCEEDED naming the argument, the value and the limit (Settings).
 
 Outputs are bounded too, but where they are produced: `events.OutputLimit` (the engine builds it from
@@ -46,6 +47,8 @@ def _walk(value: Any, where: str, s: Settings, function: str) -> None:
             raise _over(function, f"{where} (UTF-8 bytes)", len(value.encode("utf-8")), s.max_prompt_bytes)
     elif isinstance(value, list) and value:
         first = value[0]
+        if not isinstance(first, float | int) and len(value) > s.max_items:
+            raise _over(function, f"{where} (entries)", len(value), s.max_items)
         if isinstance(first, float | int) and not isinstance(first, bool):
             floats = any(isinstance(v, float) for v in value[:64])
             limit = s.max_floats if floats else s.max_token_ids

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 from pydantic import BaseModel
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from mcp_rkllm.config import Settings
@@ -24,6 +24,7 @@ from mcp_rkllm.engine import Engine, Stream
 from mcp_rkllm.engine.relay import NO_STREAM
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.models.store import ModelInfo
+from mcp_rkllm.surfaces.api.streaming import ClientGone
 from mcp_rkllm.surfaces.registry import Registry
 
 #: The tag every model is published under in Ollama's listings (and accepted, with or without it, everywhere).
@@ -75,14 +76,17 @@ class Api:
     async def body(self, request: Request) -> dict[str, Any]:
         """The request's JSON object, read up to the body limit; BadRequest otherwise."""
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > self.settings.max_request_bytes:
-                raise BadRequest(413, f"the request body is larger than {self.settings.max_request_bytes} bytes")
+        try:
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > self.settings.max_request_bytes:
+                    raise BadRequest(413, f"the request body is larger than {self.settings.max_request_bytes} bytes")
+        except ClientDisconnect:  # the client left before sending its whole body: nobody to answer
+            raise ClientGone from None
         if not data.strip():
             return {}
         try:
-            value = json.loads(data)
+            value = json.loads(data, parse_constant=_no_constant)
         except (ValueError, RecursionError) as exc:
             raise BadRequest(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
@@ -94,10 +98,14 @@ class Api:
         return await self.registry.invoke(name, arguments, self.engine, stream)
 
     def model_ref(self, name: Any, field: str = "model") -> dict[str, str]:
-        """`{"handle": id}` for a loaded handle, else `{"model": name}` with Ollama's tag and namespace removed."""
-        if not isinstance(name, str) or not name.strip():
+        """`{"handle": id}` for a shared loaded handle, else `{"model": name}` with Ollama's tag and namespace
+        removed. (A session's own rkllm_init handles are not these APIs' to use: their ids read as model names.)"""
+        if name is None or (isinstance(name, str) and not name.strip()):
             raise unsupported(field, "a model name is required")
-        if name in self.engine.handles:
+        if not isinstance(name, str):
+            raise unsupported(field, f"must be a model name (a string), not {type(name).__name__}")
+        h = self.engine.handles.get(name)
+        if h is not None and h.owner is None:
             return {"handle": name}
         return {"model": plain_name(name)}
 
@@ -114,10 +122,14 @@ class Api:
     def loaded_names(self) -> dict[str, str]:
         """Loaded model paths -> the handle serving them (the first, when several do)."""
         loaded: dict[str, str] = {}
-        for h in self.engine.handles.values():
+        for h in self.engine.visible_handles(None):  # shared ones only: sessions' own handles stay private
             if h.param.model_path:
                 loaded.setdefault(h.param.model_path, h.id)
         return loaded
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def plain_name(name: str) -> str:

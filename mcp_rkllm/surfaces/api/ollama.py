@@ -7,13 +7,13 @@ from the runtime's perf stats. An empty prompt (or no messages) loads the model 
 with `keep_alive: 0` it unloads it (`"unload"`), and `keep_alive: 0` on a generation unloads after it.
 Other keep_alive values keep the model loaded (this server does not expire models yet: `/api/ps` says so
 with a far-future `expires_at`). `options.stop` ends the reply at a stop string; an option the runtime cannot
-honour (`seed`) is a 400 naming it; unknown options are ignored, as Ollama does. `/api/pull` downloads nothing: a model that is
-here answers success, another 404 naming the model directories.
+honour (`seed`) is a 400 naming it; unknown options are ignored, as Ollama does.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -61,6 +61,26 @@ def _details(model: ModelInfo) -> dict[str, Any]:
             "parameter_size": "", "quantization_level": ""}
 
 
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def unload_after(body: dict[str, Any]) -> bool:
+    """Whether the request's `keep_alive` is zero (unload after this call). Ollama's forms: a number of seconds,
+    or a duration string ("0", "0s", "5m", "1h", "-1"); anything else is INVALID_PARAMS."""
+    value = body.get("keep_alive")
+    if value is None:
+        return False
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise unsupported("keep_alive", "must be a number of seconds or a duration such as \"5m\" or \"0\"")
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise unsupported("keep_alive", "must be a number of seconds or a duration such as \"5m\" or \"0\"")
+        value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value == 0
+
+
 def _capabilities(model: ModelInfo) -> list[str]:
     """What /api/show advertises: tools when the family has a call format (chat offers tools to any model, but
     only these were trained for it), thinking when it marks reasoning."""
@@ -103,7 +123,7 @@ class OllamaRoutes:
 
     def routes(self) -> list[Route]:
         g = self._guarded
-        return [Route("/", self.root, methods=["GET", "HEAD"]),
+        return [Route("/", g(self.root), methods=["GET", "HEAD"]),
                 Route("/api/version", g(self.version), methods=["GET", "HEAD"]),
                 Route("/api/tags", g(self.tags), methods=["GET", "HEAD"]),
                 Route("/api/ps", g(self.ps), methods=["GET"]),
@@ -152,9 +172,9 @@ class OllamaRoutes:
         running = []
         for model in await self.api.models():
             handle = loaded.get(str(model.path))
-            if handle is None:
+            h = self.api.engine.handles.get(handle) if handle is not None else None
+            if h is None:  # not loaded, or unloaded while the listing was read
                 continue
-            h = self.api.engine.handles[handle]
             running.append({**self._entry(model), "expires_at": FOREVER, "size_vram": model.size_bytes,
                             "context_length": h.param.max_context_len or 0, "handle": handle})
         return JSONResponse({"models": running})
@@ -212,8 +232,11 @@ class OllamaRoutes:
         if stop:
             args["stop"] = [stop] if isinstance(stop, str) else stop
         predict = options.get("num_predict")
-        if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0:
-            args["max_new_tokens"] = predict
+        if predict is not None:
+            if not isinstance(predict, int) or isinstance(predict, bool):
+                raise unsupported("options.num_predict", "must be an integer (-1 = no limit)")
+            if predict > 0:
+                args["max_new_tokens"] = predict
         think = body.get("think")
         if think is not None:  # true / false, or a level ("low", "medium", "high"): thinking on
             args["enable_thinking"] = think not in (False, "false", "none")
@@ -230,12 +253,13 @@ class OllamaRoutes:
         ref = self.api.model_ref(body.get("model"))
         base = {"model": body.get("model"), "created_at": _now(), "done": True}
         extra = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-        if body.get("keep_alive") in (0, "0", "0s", "0m"):
+        if unload_after(body):
             if "handle" in ref:
                 await self.api.invoke("unload_model", {"handle": ref["handle"]})
             else:
                 info = await self.api.resolve(ref["model"])
-                await self.api.invoke("unload_model", {"model": info.name})
+                if str(info.path) in self.api.loaded_names():  # not loaded: nothing to do, as Ollama answers
+                    await self.api.invoke("unload_model", {"model": info.name})
             return JSONResponse({**base, **extra, "done_reason": "unload"})
         if "handle" not in ref:
             info = await self.api.resolve(ref["model"])
@@ -254,7 +278,7 @@ class OllamaRoutes:
                 "eval_duration": _ns(perf.get("generate_time_ms") or 0.0) or int(max(total - load_s, 0) * 1e9)}
 
     async def _unload_after(self, body: dict[str, Any], data: dict[str, Any]) -> None:
-        if body.get("keep_alive") in (0, "0", "0s", "0m"):
+        if unload_after(body):
             await self.api.invoke("unload_model", {"handle": data["handle"]})
 
     async def _run(self, request: Request, body: dict[str, Any], operation: str, args: dict[str, Any],
@@ -373,6 +397,9 @@ class OllamaRoutes:
     # ------------------------------------------------------------------ embeddings
 
     async def _vectors(self, request: Request, body: dict[str, Any], texts: list[str]) -> tuple[list[Any], int]:
+        if len(texts) > self.api.settings.max_items:
+            raise RkllmError("LIMIT_EXCEEDED", function="embed", what="input (entries)", value=len(texts),
+                             limit=self.api.settings.max_items)
         ref = self.api.model_ref(body.get("model"))
         vectors: list[Any] = []
         tokens = 0

@@ -338,6 +338,9 @@ class OpenAiRoutes:
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) and i for i in inputs):
             raise unsupported("input", "must be a non-empty string or a list of non-empty strings")
+        if len(inputs) > self.api.settings.max_items:
+            raise RkllmError("LIMIT_EXCEEDED", function="embeddings", what="input (entries)", value=len(inputs),
+                             limit=self.api.settings.max_items)
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise unsupported("encoding_format", "must be float or base64")

@@ -18,6 +18,7 @@ from mcp_rkllm import __version__
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.surfaces.api.common import Api, BadRequest, dumped, unsupported
 from mcp_rkllm.surfaces.api.openai import bad_request, error_response
+from mcp_rkllm.surfaces.api.streaming import ClientGone
 
 
 class RockchipRoutes:
@@ -45,6 +46,8 @@ class RockchipRoutes:
                 return bad_request(exc)
             except RkllmError as exc:
                 return error_response(exc)
+            except ClientGone:  # the client left before its request was whole
+                return Response(status_code=499)
 
         return endpoint
 

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from mcp_rkllm.config import Settings
 from mcp_rkllm.surfaces.jsonrpc.protocol import Dispatcher, Peer, RpcError, parse
@@ -39,12 +39,15 @@ class JsonRpcEndpoint:
             await refused(scope, receive, send)
             return
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body:
-                await _reply(send, 413, RpcError(-32600, f"Invalid Request: the body is larger than "
-                                                         f"{self.max_body} bytes").response(None))
-                return
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.max_body:
+                    await _reply(send, 413, RpcError(-32600, f"Invalid Request: the body is larger than "
+                                                             f"{self.max_body} bytes").response(None))
+                    return
+        except ClientDisconnect:  # the client left before sending its whole body: nobody to answer
+            return
         try:
             message = parse(bytes(body))
         except RpcError as exc:

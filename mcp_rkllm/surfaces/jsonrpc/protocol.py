@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -112,10 +113,14 @@ def _strings_fixed(value: Any) -> Any:
     return value
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's parser accepts NaN and Infinity; JSON (and JavaScript) do not
+
+
 def parse(line: bytes | str) -> Any:
     """One JSON text, or RpcError -32700 (invalid UTF-8 or JSON, or nested too deeply)."""
     try:
-        message = json.loads(line)
+        message = json.loads(line, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise RpcError(PARSE_ERROR, f"Parse error: {exc}") from None
     except RecursionError:
@@ -127,7 +132,9 @@ def parse(line: bytes | str) -> Any:
 
 
 def _valid_id(request_id: Any) -> bool:
-    return request_id is None or (isinstance(request_id, (str, int, float)) and not isinstance(request_id, bool))
+    if isinstance(request_id, float):
+        return math.isfinite(request_id)
+    return request_id is None or (isinstance(request_id, str | int) and not isinstance(request_id, bool))
 
 
 class Dispatcher:
@@ -137,12 +144,25 @@ class Dispatcher:
         self.registry = registry
         self.engine = engine
         self.methods: dict[str, OperationSpec] = {method_name(s.name): s for s in registry.specs.values()}
+        self._document: dict[str, Any] | None = None
+
+    def discover(self) -> dict[str, Any]:
+        """The OpenRPC document (built once: it is about 100 KB)."""
+        if self._document is None:
+            from mcp_rkllm.surfaces.jsonrpc.openrpc import document
+
+            self._document = document(self)
+        return self._document
 
     async def handle(self, message: Any, peer: Peer) -> Any:
         """The response to one parsed message: a dict, a list (batch), or None (nothing to send)."""
         if isinstance(message, list):
             if not message:
                 return RpcError(INVALID_REQUEST, "Invalid Request: empty batch").response(None)
+            limit = self.engine.settings.max_items
+            if len(message) > limit:
+                return RpcError(INVALID_REQUEST, f"Invalid Request: a batch of {len(message)} requests, over the limit "
+                                                 f"of {limit} (--max-items); send fewer at a time").response(None)
             answers: list[Any] = [None] * len(message)
 
             async def one(i: int, item: Any) -> None:
@@ -169,9 +189,7 @@ class Dispatcher:
                 self._cancel(params, peer)
                 return None if notification else {"jsonrpc": "2.0", "id": request_id, "result": None}
             if method == "rpc.discover":
-                from mcp_rkllm.surfaces.jsonrpc.openrpc import document
-
-                result: Any = document(self)
+                result: Any = self.discover()
             else:
                 result = await self._call(method, params, request_id, notification, peer)
         except RpcError as exc:
@@ -237,6 +255,9 @@ class Dispatcher:
                 await notify(callback)
 
         key = json.dumps(request_id)
+        if not notification and key in peer.requests:
+            raise RpcError(INVALID_REQUEST, f"Invalid Request: id {key} is already in use by a request in flight on "
+                                            "this connection")
         with anyio.CancelScope() as scope:
             if not notification:
                 peer.requests[key] = scope

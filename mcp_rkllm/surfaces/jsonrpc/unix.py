@@ -153,6 +153,8 @@ class Connection:
             try:
                 chunk = await self.stream.receive(65536)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                if buffer.strip() and not skipping:  # a last message without its newline: still a message
+                    await self._dispatch(tg, bytes(buffer))
                 return
             buffer += chunk
             while (end := buffer.find(b"\n")) >= 0:
