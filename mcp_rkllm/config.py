@@ -1,8 +1,8 @@
 """One Settings model: it makes the command-line flags, the environment variables and the README table.
 
-Precedence: command-line flags > environment (MCP_RKLLM_*, RKLLM_LIB_PATH, RKLLM_ABI) > defaults. Each field's
-description is its `--help` text and its README "meaning"; `settings_markdown_table()` writes the README's
-Configuration table and `mcp_rkllm.cli` builds its argument parser from `setting_specs()`.
+Precedence: command-line flags > environment (MCP_RKLLM_*, RKLLM_LIB_PATH, RKLLM_ABI, RKNN_LIB_PATH) > defaults.
+Each field's description is its `--help` text and its README "meaning"; `settings_markdown_table()` writes the
+README's Configuration table and `mcp_rkllm.cli` builds its argument parser from `setting_specs()`.
 """
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ class Settings(BaseSettings):
         None, "RKLLM ABI generation the library speaks: `1.2.0`, `1.2.1` (for 1.2.1-1.2.3) or `1.3.0`; it must "
               "agree with the library.", "runtime", env="RKLLM_ABI",
         shown="detect from the library's symbols and version string")
+    rknn_library: str | None = _setting(
+        None, "Path of librknnrt.so (the RKNN runtime: vision encoders, `.rknn` models), or the directory holding "
+              "it.", "runtime", env="RKNN_LIB_PATH",
+        shown="search `/usr/lib`, `/usr/local/lib`, `./lib`, then the linker path", metavar="PATH")
     runtime: RuntimeChoice = _setting(
         "auto", "`native`: the NPU runtime (librkllmrt.so, .rkllm models); `cpu`: llama.cpp (.gguf models); `auto`: "
                 "native when a librkllmrt.so is found, else cpu.", "runtime")

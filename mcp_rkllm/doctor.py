@@ -1,10 +1,10 @@
 """`mcp-rkllm doctor`: what this machine offers the server, and what to do about each problem.
 
-Checks the runtime library and its ABI, the SoC (device tree), the NPU driver version, load and
-frequency, CPU and DDR governors, memory, the models found and whether each fits, and the CPU
-runtime. It never needs root (debugfs files it cannot read are reported as such), never fails on
-a machine that is not a Rockchip board (it says what is absent), and reads every system file
-below `root` so tests can hand it a fake /proc and /sys.
+Checks the runtime library and its ABI, the RKNN runtime (librknnrt.so) and its versions, the SoC
+(device tree), the NPU driver version, load and frequency, CPU and DDR governors, memory, the models
+found and whether each fits, and the CPU runtime. It never needs root (debugfs files it cannot read are
+reported as such), never fails on a machine that is not a Rockchip board (it says what is absent), and
+reads every system file below `root` so tests can hand it a fake /proc and /sys.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import glob
 import json
 import os
 import re
+import subprocess
+import sys as _python
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,6 +95,76 @@ def check_library(settings: Settings, runtime_info: dict[str, Any] | None) -> li
     if ctypes.util.find_library("gomp") is None:
         checks.append(Check("libgomp", "warn", "libgomp.so.1 not found",
                             "librkllmrt.so needs OpenMP's runtime: apt install libgomp1"))
+    return checks
+
+
+def _rknn_models(settings: Settings) -> list[Path]:
+    """The .rknn files in the model roots (up to three directories deep), smallest first."""
+    from mcp_rkllm.models.store import ModelStore
+
+    found: set[Path] = set()
+    for root in ModelStore.from_dirs(list(settings.models)).roots:
+        for depth in range(4):
+            found.update(p for p in Path(root).glob("/".join(["*"] * depth + ["*.rknn"])) if p.is_file())
+    return sorted(found, key=lambda p: (p.stat().st_size, str(p)))
+
+
+def _rknn_versions(library: str, model: Path) -> dict[str, Any]:
+    """rknn_query(RKNN_QUERY_SDK_VERSION) on a context of `model`, in a child process (a runtime crash or hang
+    must not take doctor, or the server running it, down)."""
+    try:
+        done = subprocess.run([_python.executable, "-m", "mcp_rkllm.native.rknn", library, str(model)],
+                              capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": {"message": f"the query did not finish: {exc}"}}
+    lines = done.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        return {"error": {"message": f"the query process ended with {done.returncode} and no answer"}}
+    return answer
+
+
+def check_rknn_library(settings: Settings, runtime_info: dict[str, Any] | None) -> list[Check]:
+    """librknnrt.so (the RKNN runtime for vision encoders and .rknn models): where it is, its SDK and driver."""
+    from mcp_rkllm.native.rknn import RknnLibrary
+
+    install = ("Vision models need it: install librknnrt.so (airockchip/rknn-toolkit2, rknpu2/runtime/Linux/"
+               "librknn_api/aarch64) into /usr/lib, or pass --rknn-library / RKNN_LIB_PATH.")
+    try:
+        lib = RknnLibrary.open(settings.rknn_library)
+    except RkllmError as exc:
+        return [Check("RKNN runtime", "warn" if settings.rknn_library else "info", exc.message, install)]
+    checks = [Check("RKNN runtime", "ok", lib.path)]
+    known = (runtime_info or {}).get("rknn")
+    if isinstance(known, dict) and known.get("api_version"):
+        versions: dict[str, Any] = known
+    else:
+        models = _rknn_models(settings)
+        versions = _rknn_versions(lib.path, models[0]) if models else {}
+    if versions.get("api_version"):
+        driver = str(versions.get("drv_version") or "")
+        v = _version(driver)
+        ok = v is not None and v >= REQUIRED_DRIVER
+        checks.append(Check("RKNN SDK", "ok", f"{versions['api_version']} (rknn_query)"))
+        checks.append(Check("RKNN driver", "ok" if ok else "warn", driver or "not stated",
+                            "" if ok else "Update the board's RKNPU driver to v0.9.8 or newer (kernel/BSP)."))
+    else:
+        failed = versions.get("error", {}).get("message") if isinstance(versions.get("error"), dict) else None
+        stated = lib.file_version or "not stated in the library file"
+        checks.append(Check("RKNN SDK", "warn" if failed else "info",
+                            f"{stated}" + (f"; rknn_query failed: {failed}" if failed else ""),
+                            "rknn_query(RKNN_QUERY_SDK_VERSION) needs a .rknn model: put one in the model roots "
+                            "to have doctor read the SDK and driver versions." if not failed else
+                            "Check the .rknn file and the runtime's `E RKNN` lines (RKNN_LOG_LEVEL=3)."))
+    missing = sorted({"rknn_query", "rknn_inputs_set", "rknn_run", "rknn_outputs_get", "rknn_outputs_release",
+                      "rknn_destroy", "rknn_set_core_mask", "rknn_dup_context"} - lib.functions())
+    if missing:
+        checks.append(Check("RKNN functions", "warn", "missing " + ", ".join(missing),
+                            "An older or reduced runtime: calls to these answer NOT_SUPPORTED; install a full "
+                            "librknnrt.so 2.x."))
     return checks
 
 
@@ -214,8 +286,8 @@ def check_cpu_runtime() -> list[Check]:
 def run(settings: Settings, root: str = "/", runtime_info: dict[str, Any] | None = None) -> list[Check]:
     """Every check, in report order."""
     sys = _Sys(root)
-    return [*check_library(settings, runtime_info), *check_board(sys), *check_memory_and_models(settings, sys),
-            *check_cpu_runtime()]
+    return [*check_library(settings, runtime_info), *check_rknn_library(settings, runtime_info), *check_board(sys),
+            *check_memory_and_models(settings, sys), *check_cpu_runtime()]
 
 
 def render(checks: list[Check]) -> str:

@@ -78,6 +78,18 @@ _ROWS: tuple[ErrorSpec, ...] = (
               "The runtime process for handle {handle} has not answered for {timeout_s:g} s{detail}", True,
               "The worker is stopped or stuck (a wedged driver, SIGSTOP). Other handles are unaffected; retry "
               "later, or unload the model (unload_model / rkllm_destroy kills its worker) and load it again."),
+    ErrorSpec("RKNN_CALL_FAILED", -32022, "{function} returned {rc} ({rc_name}: {meaning}){detail}", False,
+              "The RKNN runtime refused the call; rc_name is its rknn_api.h code. RKNN_ERR_PARAM_INVALID / "
+              "INPUT_INVALID / OUTPUT_INVALID: check indexes, buffer sizes, type and fmt against rknn_query's tensor "
+              "attributes; RKNN_ERR_MODEL_INVALID: the .rknn file is damaged, built for another platform or SDK, or "
+              "NPU memory ran out; RKNN_ERR_CTX_INVALID: the context is gone. The runtime's `E RKNN` lines on the "
+              "server's stderr (RKNN_LOG_LEVEL) say more."),
+    ErrorSpec("RKNN_NPU_UNAVAILABLE", -32023, "{function} returned {rc} ({rc_name}: {meaning}){detail}", True,
+              "The NPU timed out, was unavailable or out of memory (RKNN_ERR_TIMEOUT / DEVICE_UNAVAILABLE / "
+              "MALLOC_FAIL): retry later, unload other models to free NPU memory, or check the NPU driver (doctor)."),
+    ErrorSpec("RKNN_LIBRARY_UNAVAILABLE", -32024, "librknnrt.so is not usable: {detail}", False,
+              "Install Rockchip's RKNN runtime (librknnrt.so from airockchip/rknn-toolkit2, rknpu2/runtime/Linux/"
+              "librknn_api/aarch64) into /usr/lib, or point --rknn-library / RKNN_LIB_PATH at it."),
     ErrorSpec("INTERNAL", -32099, "Internal error in {function}: {detail}", False,
               "This is a bug in mcp-rkllm; the server's stderr has the traceback. Please report it."),
 )

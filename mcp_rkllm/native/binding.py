@@ -54,30 +54,32 @@ class Library:
         return function in self.functions
 
 
-def find_library(explicit: str | None = None) -> str:
+def find_library(explicit: str | None = None, *, name: str = LIBRARY_NAME, linker_name: str = "rkllmrt",
+                 setting: str = "--library/RKLLM_LIB_PATH", error: str = "LIBRARY_NOT_FOUND") -> str:
     """Return the path of librkllmrt.so, or raise LIBRARY_NOT_FOUND listing every place searched.
 
     `explicit` (from --library / RKLLM_LIB_PATH) may be the file or a directory holding it; when
     given, it is the only place looked at, so a typo is reported instead of silently loading
-    another copy.
+    another copy. Another library is found the same way with its file `name`, the `linker_name`
+    ctypes knows it by, the `setting` that names it and the `error` code to raise.
     """
     if explicit:
         p = Path(explicit).expanduser()
-        candidate = p / LIBRARY_NAME if p.is_dir() else p
+        candidate = p / name if p.is_dir() else p
         if candidate.is_file():
             return str(candidate.resolve())
-        raise RkllmError("LIBRARY_NOT_FOUND", detail=f"{candidate} does not exist (from --library/RKLLM_LIB_PATH)")
+        raise RkllmError(error, detail=f"{candidate} does not exist (from {setting})")
     searched = []
     for d in DEFAULT_LOCATIONS:
-        candidate = Path(d) / LIBRARY_NAME
+        candidate = Path(d) / name
         searched.append(str(candidate))
         if candidate.is_file():
             return str(candidate.resolve())
-    found = ctypes.util.find_library("rkllmrt")
+    found = ctypes.util.find_library(linker_name)
     if found:
         return found
     searched.append("the dynamic linker path (ldconfig, LD_LIBRARY_PATH)")
-    raise RkllmError("LIBRARY_NOT_FOUND", detail="searched " + ", ".join(searched))
+    raise RkllmError(error, detail="searched " + ", ".join(searched))
 
 
 def _generation_of_version(version: tuple[int, int, int]) -> str | None:
