@@ -1,4 +1,5 @@
-"""Command line: `mcp-rkllm [serve]` runs the server; `try PROMPT` shows it working; `doctor` checks the board.
+"""Command line: `mcp-rkllm [serve]` runs the server; `try PROMPT` shows it working; `doctor` checks the board;
+`pull REPO` downloads a model from the Hugging Face Hub.
 
 The server flags are generated from `mcp_rkllm.config.Settings`: every setting is a flag and an environment
 variable (MCP_RKLLM_*, RKLLM_LIB_PATH, RKLLM_ABI), and flags win. They may come before or after the command:
@@ -12,6 +13,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -104,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
                "after the command. Put the auth token in the environment (MCP_RKLLM_AUTH_TOKEN): flags show in ps.")
     p.add_argument("--version", action="version", version=f"mcp-rkllm {__version__}")
     add_settings_flags(p)
-    commands = p.add_subparsers(dest="command", title="commands", metavar="{serve,try,doctor}")
+    commands = p.add_subparsers(dest="command", title="commands", metavar="{serve,try,doctor,pull}")
 
     serve = commands.add_parser("serve", allow_abbrev=False, help="run the MCP server (the default)",
                                 description="Run the MCP server.")
@@ -129,6 +131,19 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake /proc and /sys, for tests
     add_settings_flags(doctor, dest_prefix=_AFTER)
+
+    pull = commands.add_parser(
+        "pull", allow_abbrev=False, help="download a .rkllm / .gguf model from the Hugging Face Hub",
+        description="Download a model from the Hugging Face Hub (HF_ENDPOINT for another Hub, HF_TOKEN for private "
+                    "and gated repositories) into the first model root, as OWNER--REPO/FILE: the repository's one "
+                    ".rkllm / .gguf file, or the FILEs named, each with its sidecar <model>.json and .rknn vision "
+                    "encoder when the repository has them. Transfers resume (run the same command again after an "
+                    "interruption) and every file is checked against the Hub's checksum before it is kept.")
+    pull.add_argument("repo", metavar="REPO", help="OWNER/REPO, or hf.co/OWNER/REPO[:FILE] as Ollama names it")
+    pull.add_argument("files", metavar="FILE", nargs="*",
+                      help="a file of the repository: its path, its name, or a unique part of a model's name (Q4_K_M)")
+    pull.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit (default: main)")
+    add_settings_flags(pull, dest_prefix=_AFTER)
     return p
 
 
@@ -168,6 +183,8 @@ def _run(argv: list[str]) -> int:
         return 2
     if command == "doctor":
         return doctor_main(settings, json=args.json, root=args.root)
+    if command == "pull":
+        return pull_main(settings, args.repo, args.files, args.revision)
     from mcp_rkllm.surfaces.serve import configure_logging, serve
 
     configure_logging(settings.log_level)
@@ -183,6 +200,41 @@ def doctor_main(settings: Settings, *, json: bool = False, root: str = "/") -> i
     checks = doctor.run(settings, root)
     print(doctor.to_json(checks) if json else doctor.render(checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def pull_main(settings: Settings, repo: str, files: Sequence[str], revision: str | None = None) -> int:
+    """`mcp-rkllm pull REPO [FILE...]`: a model from the Hugging Face Hub into the first model root.
+
+    Progress bars go to stderr (on a terminal), the paths written to stdout. Exit codes: 0 done, 1 failed, 2 the
+    name or the choice of files is wrong (several models and none named), 130 interrupted (run it again to resume).
+    """
+    from mcp_rkllm.models import pull
+    from mcp_rkllm.models.store import ModelStore
+
+    parsed = pull.hub_name(repo)
+    if parsed is None:
+        print(f"mcp-rkllm pull: '{repo}' is not a Hub repository: give OWNER/REPO (or hf.co/OWNER/REPO[:FILE])",
+              file=sys.stderr)
+        return 2
+    repo_id, selector = parsed
+    root = ModelStore.from_dirs(list(settings.models)).roots[0]
+    try:
+        plan = pull.plan(repo_id, [*([selector] if selector else []), *files], root=root, revision=revision)
+        print(f"pulling {repo_id} at {plan.commit[:12]} into {plan.dest}", file=sys.stderr)
+        for item in pull.describe(plan):
+            print(f"  {item['file']} ({item['size']}, {item['digest'][:19]}…)", file=sys.stderr)
+        pull.download(plan)
+    except pull.PullError as exc:
+        print(f"mcp-rkllm pull: {exc.message}", file=sys.stderr)
+        return 2 if exc.status == 400 else 1
+    except KeyboardInterrupt:
+        print("mcp-rkllm pull: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    for file in plan.files:
+        print(plan.target(file))
+    names = ", ".join(Path(f.name).stem for f in plan.files if f.is_model)
+    print(f"done: load it by name ({names})", file=sys.stderr)
+    return 0
 
 
 def try_main(args: argparse.Namespace, flags: Mapping[str, Any]) -> int:

@@ -292,7 +292,7 @@ def test_doctor_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
 def test_help_shows_defaults_environment_and_commands() -> None:
     text = parser().format_help()
     assert "default: 30; env MCP_RKLLM_WORKER_TIMEOUT" in " ".join(text.split())
-    assert "{serve,try,doctor}" in text and "--version" in text
+    assert "{serve,try,doctor,pull}" in text and "--version" in text
     commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     try_help = " ".join(commands.choices["try"].format_help().split())
     assert "--models DIR" in try_help and "--max-new-tokens N most tokens to generate" in try_help

@@ -13,13 +13,16 @@ honour (`seed`) is a 400 naming it; unknown options are ignored, as Ollama does.
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -198,25 +201,103 @@ class OllamaRoutes:
                              "modified_at": self._entry(info)["modified_at"]})
 
     async def pull(self, request: Request) -> Response:
+        """A Hugging Face Hub name (`hf.co/OWNER/REPO[:FILE]`, `OWNER/REPO[:FILE]`) downloads into the first model
+        root (mcp_rkllm.models.pull), streaming Ollama's progress lines; a plain name answers success when the model
+        is here and 404 otherwise."""
+        from mcp_rkllm.models import pull as hub
+
         body = await self.api.body(request)
         name = str(body.get("model") or body.get("name") or "")
+        stream = body.get("stream", True) is not False
+        parsed = hub.hub_name(name)
+        if parsed is not None:
+            return await self._pull_from_hub(request, parsed, stream)
         try:
             await self.api.resolve(name)
         except RkllmError as exc:
             if exc.code != "MODEL_NOT_FOUND":
                 raise
             roots = ", ".join(str(r) for r in self.api.engine.store.roots) or "(no model directory)"
-            return JSONResponse({"error": f"model '{name}' not found; this server does not download models: put "
-                                          f".rkllm / .gguf files in {roots} (or start it with --models DIR)"},
+            return JSONResponse({"error": f"model '{name}' not found; this server does not download models by a "
+                                          f"plain name: pull a Hugging Face Hub repository (hf.co/OWNER/REPO[:FILE]), "
+                                          f"or put .rkllm / .gguf files in {roots} (or start it with --models DIR)"},
                                 status_code=404)
-        if body.get("stream", True):
+        if stream:
             lines = [{"status": "pulling manifest"}, {"status": "success"}]
             return Response("".join(json.dumps(line) + "\n" for line in lines), media_type="application/x-ndjson")
         return JSONResponse({"status": "success"})
 
+    async def _pull_from_hub(self, request: Request, name: tuple[str, str | None], stream: bool) -> Response:
+        """Plan the pull (its errors keep their status), then download: NDJSON lines `pulling <file>` with digest,
+        total and completed, or one `{"status": "success"}`; a failure midway is an `{"error": ...}` line. A client
+        that leaves stops the transfer (the next pull resumes it)."""
+        from mcp_rkllm.models import pull as hub
+
+        repo, selector = name
+        root = self.api.engine.store.roots[0]
+        cancel = threading.Event()
+
+        async def download(sink: hub.ProgressSink | None) -> None:
+            try:
+                await anyio.to_thread.run_sync(lambda: hub.download(plan, sink=sink, bar=False, cancel=cancel),
+                                               abandon_on_cancel=True)
+            finally:
+                cancel.set()  # stops an abandoned transfer at its next write
+
+        try:
+            plan = await anyio.to_thread.run_sync(lambda: hub.plan(repo, [selector] if selector else [], root=root),
+                                                  abandon_on_cancel=True)
+            if not stream:
+                await while_connected(request.receive, lambda: download(None))
+                return JSONResponse({"status": "success"})
+        except hub.PullError as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+        async def produce(emit: Emit) -> None:
+            await emit(b'{"status": "pulling manifest"}\n')
+            send, receive = anyio.create_memory_object_stream[dict[str, Any]](max_buffer_size=math.inf)
+            shown: dict[str, float] = {}
+            failed: list[str] = []
+
+            def sink(p: hub.Progress) -> None:  # in the download thread
+                now = time.monotonic()
+                if p.completed not in (0, p.total) and now - shown.get(p.file, 0.0) < 0.25:
+                    return
+                shown[p.file] = now
+                line = {"status": f"pulling {p.file}", "digest": p.digest, "total": p.total, "completed": p.completed}
+                anyio.from_thread.run_sync(send.send_nowait, {k: v for k, v in line.items() if v is not None})
+
+            async def work() -> None:
+                async with send:
+                    try:
+                        await download(sink)
+                    except hub.PullError as exc:
+                        failed.append(exc.message)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(work)
+                async with receive:
+                    async for line in receive:
+                        await emit(json.dumps(line).encode() + b"\n")
+            if failed:
+                await emit(json.dumps({"error": failed[0]}).encode() + b"\n")
+                return
+            for status in ("verifying sha256 digest", "writing manifest", "success"):
+                await emit(json.dumps({"status": status}).encode() + b"\n")
+
+        return LiveStream(produce, "application/x-ndjson", error_response=error_response)
+
     # ------------------------------------------------------------------ generation
 
     def _arguments(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(body.get("stream", True), bool):
+            raise unsupported("stream", "must be true or false")
+        if body.get("system") is not None and not isinstance(body["system"], str):
+            raise unsupported("system", "must be a string")
+        unload_after(body)  # a keep_alive it cannot read is a 400 before any work
+        for field in ("raw", "template", "suffix", "context"):
+            if body.get(field) not in (None, False, "", []):
+                raise unsupported(field, "not supported by this server (the model's own chat template is applied)")
         if body.get("format"):
             raise unsupported("format", "structured output (format) is not supported")
         if body.get("images"):
