@@ -117,9 +117,11 @@ def _rknn_versions(library: str, model: Path) -> dict[str, Any]:
                               capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"error": {"message": f"the query did not finish: {exc}"}}
-    lines = done.stdout.strip().splitlines()
+    from mcp_rkllm.native.rknn import VERSIONS_MARKER
+
+    marked = [line for line in done.stdout.splitlines() if line.startswith(VERSIONS_MARKER)]
     try:
-        answer = json.loads(lines[-1]) if lines else None
+        answer = json.loads(marked[-1][len(VERSIONS_MARKER):]) if marked else None
     except ValueError:
         answer = None
     if not isinstance(answer, dict):

@@ -562,16 +562,22 @@ def element_size(tensor_type: int | str) -> int | None:
     return ELEMENT_SIZES.get(value)
 
 
+#: The prefix of the answer line `python -m mcp_rkllm.native.rknn LIBRARY MODEL` prints.
+VERSIONS_MARKER = "mcp-rkllm rknn versions: "
+
+
 def _print_versions(argv: Sequence[str]) -> int:
     """`python -m mcp_rkllm.native.rknn LIBRARY MODEL`: the SDK and driver versions as JSON (for doctor, which
     runs this in a child so a runtime crash cannot take its caller down)."""
     library, model = argv
+    answer: dict[str, Any]
     try:
-        print(json.dumps(RknnLibrary.open(library).versions(model)))
+        answer, status = RknnLibrary.open(library).versions(model), 0
     except RkllmError as exc:
-        print(json.dumps({"error": exc.to_dict()}))
-        return 1
-    return 0
+        answer, status = {"error": exc.to_dict()}, 1
+    # The runtime logs to stdout too (in any order with Python's buffer): the answer is the marked line.
+    print(VERSIONS_MARKER + json.dumps(answer), flush=True)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover - run by doctor in a child process
