@@ -65,7 +65,10 @@ async def test_tool_groups_and_sizes(fake_path: Path, fake: FakeView, tmp_path: 
                   for s in exported(registry, ["all"])]
     friendly = [tool_of(s).model_dump(mode="json", by_alias=True, exclude_none=True)
                 for s in exported(registry, ["friendly"])]
-    size_all, size_friendly = len(json.dumps({"tools": everything})), len(json.dumps({"tools": friendly}))
+    def wire(value: Any) -> int:  # the bytes a JSON-RPC response spends on it (compact JSON, as sent)
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+    size_all, size_friendly = wire({"tools": everything}), wire({"tools": friendly})
     print(f"\ntools/list: all {size_all:,} bytes ({len(everything)} tools), friendly {size_friendly:,} bytes")
     assert size_all < 40_000 and size_friendly < 12_000
     # Every parameter an agent sees says what it does.

@@ -38,6 +38,7 @@ from mcp_rkllm.engine.metrics import Metrics
 from mcp_rkllm.engine.parsing import ParseResult
 from mcp_rkllm.engine.relay import NO_STREAM, Progress, Relay, Stream, heartbeat
 from mcp_rkllm.engine.replies import StopWatch, render_history, reply_stream, with_tool_format
+from mcp_rkllm.engine.rknn import RknnContexts
 from mcp_rkllm.engine.types import (
     AbortResult,
     AsyncResultParams,
@@ -218,6 +219,7 @@ class Engine:
         self._reserved_domains: set[int] = set()
         self._reserved_bytes = 0
         self._reaper: asyncio.Task[None] | None = None
+        self.rknn = RknnContexts(self)
 
     # ================================================================= life cycle
 
@@ -258,6 +260,7 @@ class Engine:
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
+        await self.rknn.close()
         for handle in list(self.handles.values()):
             handle.slot.close()
             try:
@@ -304,6 +307,7 @@ class Engine:
 
     async def release_owner(self, owner: str) -> list[str]:
         """Free every handle `owner` made (its session or connection ended); their runs are aborted."""
+        await self.rknn.release_owner(owner)
         mine = [h for h in self.handles.values() if h.owner == owner]
         for h in mine:
             try:

@@ -429,3 +429,93 @@ class StatusResult(Result):
     handles: list[str] = Field(default_factory=list, description="The loaded handles (see loaded_models).")
     server_id: str | None = Field(None, description="This server's name in a fleet (the X-RKLLM-Server header).")
 
+
+
+# ---------------------------------------------------------------------------------------------- RKNN
+
+RknnContextId = Annotated[str, Field(description="The opaque id rknn_init / rknn_dup_context returned.",
+                                     min_length=1, max_length=64)]
+EnumArg = int | str
+
+
+class RknnInitParams(Params):
+    model_path: str = Field(min_length=1, description="A .rknn file inside the model folders.")
+    flag: EnumArg | list[EnumArg] = Field(0, description='RKNN_FLAG_* names (or numbers), e.g. '
+                                                         '"RKNN_FLAG_COLLECT_PERF_MASK"; 0 = none.')
+    core_mask: EnumArg | None = Field(None, description='NPU cores, e.g. "RKNN_NPU_CORE_0_1_2" (RK3588).')
+
+
+class RknnInitResult(Result):
+    context: str = Field(description="Pass this as `context` to the other rknn_* calls.")
+    n_input: int
+    n_output: int
+    sdk: dict[str, str] = Field(description="api_version and drv_version (RKNN_QUERY_SDK_VERSION).")
+
+
+class RknnContextParams(Params):
+    context: RknnContextId
+
+
+class RknnContextResult(Result):
+    context: str
+    destroyed: bool = False
+
+
+class RknnQueryParams(Params):
+    context: RknnContextId
+    cmd: EnumArg = Field(description='RKNN_QUERY_* name or number, e.g. "RKNN_QUERY_INPUT_ATTR".')
+    index: int = Field(0, ge=0, le=65535, description="The tensor, for the attribute queries.")
+
+
+class RknnQueryResult(Result):
+    context: str
+    cmd: EnumArg
+    result: dict[str, Any] = Field(description="The struct the command fills, by its C field names.")
+
+
+class RknnInputData(Params):
+    index: int = Field(0, ge=0, le=65535)
+    data: str | None = Field(None, description="The tensor's bytes, base64.")
+    values: list[float] | None = Field(None, description="Or its values (packed as `type`).")
+    type: EnumArg = Field("RKNN_TENSOR_UINT8", description="RKNN_TENSOR_* type of the data given.")
+    fmt: EnumArg = Field("RKNN_TENSOR_NHWC", description="RKNN_TENSOR_* layout of the data given.")
+    pass_through: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RknnInputData:
+        if (self.data is None) == (self.values is None):
+            raise ValueError("give exactly one of data (base64) and values")
+        return self
+
+
+class RknnInputsParams(Params):
+    context: RknnContextId
+    inputs: list[RknnInputData] = Field(min_length=1, description="One per model input (see rknn_query "
+                                                                 "RKNN_QUERY_INPUT_ATTR for what each expects).")
+
+
+class RknnOutputRequestData(Params):
+    index: int = Field(0, ge=0, le=65535)
+    want_float: bool = True
+
+
+class RknnOutputsParams(Params):
+    context: RknnContextId
+    outputs: list[RknnOutputRequestData] | None = Field(None, description="Default: every output, float32.")
+    encoding: Literal["base64", "array"] = Field("base64", description="base64 bytes (little-endian float32 "
+                                                                       "when want_float), or JSON numbers.")
+
+
+class RknnRunParams(RknnOutputsParams):
+    input_data: list[RknnInputData] | None = Field(None, description="Set these inputs, run, and return the "
+                                                                     "outputs in one call.")
+
+
+class RknnOutputsResult(Result):
+    context: str
+    outputs: list[dict[str, Any]] = Field(description="index, want_float, size, and data (base64) or values.")
+
+
+class RknnCoreMaskParams(Params):
+    context: RknnContextId
+    core_mask: EnumArg = Field(description='RKNN_NPU_CORE_* name or number, e.g. "RKNN_NPU_CORE_AUTO".')

@@ -1,5 +1,5 @@
 """The operations the server exports, in the order clients see them: the 15 RKLLM C functions 1:1
-(C names, C parameter names), then the friendly operations for people and agents."""
+(C names, C parameter names), the RKNN ones (librknnrt), then the friendly operations for people and agents."""
 
 from __future__ import annotations
 
@@ -36,6 +36,17 @@ from mcp_rkllm.engine.types import (
     NoParams,
     Ok,
     PromptCacheParams,
+    RknnContextParams,
+    RknnContextResult,
+    RknnCoreMaskParams,
+    RknnInitParams,
+    RknnInitResult,
+    RknnInputsParams,
+    RknnOutputsParams,
+    RknnOutputsResult,
+    RknnQueryParams,
+    RknnQueryResult,
+    RknnRunParams,
     RunAsyncResult,
     RunningResult,
     RunParams,
@@ -87,7 +98,7 @@ OPERATIONS: tuple[OperationSpec, ...] = (
         """Start inference (rkllm_run_async) and return at once; read it with rkllm_run_async_result.
 
     The handle stays busy until the run ends; rkllm_abort stops it.""",
-        c_function="rkllm_run_async",
+        c_function="rkllm_run_async", schema_like="rkllm_run",
         c_params=_RUN),
     OperationSpec(
         "rkllm_run_async_result", AsyncResultParams, AsyncRunReport, Engine.run_async_result,
@@ -147,6 +158,47 @@ OPERATIONS: tuple[OperationSpec, ...] = (
         """Release the loaded prompt cache (rkllm_release_prompt_cache).""",
         destructive=True, idempotent=True, c_function="rkllm_release_prompt_cache",
         c_params=_same("handle")),
+    OperationSpec(
+        "rknn_init", RknnInitParams, RknnInitResult, lambda e, p, s: e.rknn.init(p, s),
+        """Load a .rknn model (rknn_init) and return its context: a vision encoder or any RKNN model.""",
+        c_function="rknn_init",
+        c_params=(("context", None), ("model", "model_path"), ("size", None), ("flag", "flag"), ("extend", None))),
+    OperationSpec(
+        "rknn_query", RknnQueryParams, RknnQueryResult, lambda e, p, s: e.rknn.query(p, s),
+        """Ask the runtime about the model (rknn_query): tensor counts and attributes, SDK version, memory, perf.""",
+        read_only=True, idempotent=True, c_function="rknn_query",
+        c_params=(*_same("context", "cmd"), ("info", None), ("size", None))),
+    OperationSpec(
+        "rknn_inputs_set", RknnInputsParams, RknnContextResult, lambda e, p, s: e.rknn.inputs_set(p, s),
+        """Set the model's inputs (rknn_inputs_set): base64 bytes or values, with their type and layout.""",
+        c_function="rknn_inputs_set", c_params=(("context", "context"), ("n_inputs", None), ("inputs", "inputs"))),
+    OperationSpec(
+        "rknn_run", RknnRunParams, RknnOutputsResult, lambda e, p, s: e.rknn.run(p, s),
+        """Run the model (rknn_run). With `input_data`: set the inputs, run and return the outputs in one call.""",
+        streams=False,
+        c_function="rknn_run", c_params=(("context", "context"), ("extend", None))),
+    OperationSpec(
+        "rknn_outputs_get", RknnOutputsParams, RknnOutputsResult, lambda e, p, s: e.rknn.outputs_get(p, s),
+        """Get the outputs of the last run (rknn_outputs_get, then released): float32 or native, base64 or arrays.""",
+        read_only=True, c_function="rknn_outputs_get",
+        c_params=(("context", "context"), ("n_outputs", None), ("outputs", "outputs"), ("extend", None))),
+    OperationSpec(
+        "rknn_outputs_release", RknnContextParams, RknnContextResult, lambda e, p, s: e.rknn.outputs_release(p, s),
+        """Release fetched outputs (rknn_outputs_release; outputs are already released as they are fetched).""",
+        idempotent=True, c_function="rknn_outputs_release",
+        c_params=(("context", "context"), ("n_outputs", None), ("outputs", None))),
+    OperationSpec(
+        "rknn_set_core_mask", RknnCoreMaskParams, RknnContextResult, lambda e, p, s: e.rknn.set_core_mask(p, s),
+        """Choose the NPU cores the context runs on (rknn_set_core_mask).""",
+        idempotent=True, c_function="rknn_set_core_mask", c_params=_same("context", "core_mask")),
+    OperationSpec(
+        "rknn_dup_context", RknnContextParams, RknnContextResult, lambda e, p, s: e.rknn.dup_context(p, s),
+        """A second context sharing the model's weights (rknn_dup_context), for runs in parallel.""",
+        c_function="rknn_dup_context", c_params=(("context_in", "context"), ("context_out", None))),
+    OperationSpec(
+        "rknn_destroy", RknnContextParams, RknnContextResult, lambda e, p, s: e.rknn.destroy(p, s),
+        """Free the context (rknn_destroy).""",
+        destructive=True, c_function="rknn_destroy", c_params=_same("context")),
     OperationSpec(
         "list_models", ListModelsParams, ListModelsResult, Engine.list_models,
         """The model files the server can see (.rkllm for the NPU, .gguf for the CPU runtime), with sizes.""",

@@ -52,6 +52,8 @@ class OperationSpec:
     streams: bool = False
     c_function: str | None = None
     """The C function the operation mirrors 1:1 (its C parameter names are the params' names)."""
+    schema_like: str | None = None
+    """The operation whose arguments this one takes too: tools/list shows the C structs in full only there."""
     c_params: tuple[tuple[str, str | None], ...] = ()
     """The C function's parameters in order: (C name, params field), the field None for the slots the
     server owns (out-parameters, callbacks, userdata). Positional calls (JSON-RPC arrays) follow it."""

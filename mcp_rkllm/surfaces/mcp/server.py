@@ -174,9 +174,12 @@ def tool_of(spec: OperationSpec) -> Tool:
     # No output schema: results are described by rpc.discover and the rkllm://schemas/{tool} resource. Output
     # schemas doubled tools/list (about 110 KB, 27k tokens, for 25 tools) for what agents read as text anyway.
     schema = spec.params.model_json_schema()
-    if not spec.name.startswith(("rkllm_", "rknn_")):
+    description = spec.description
+    if not spec.name.startswith(("rkllm_", "rknn_")) or spec.schema_like:
         schema = _c_structs_summarised(schema)
-    return Tool(name=spec.name, description=spec.description, input_schema=compact_schema(schema),
+    if spec.schema_like:
+        description += f"\n\nArguments: as {spec.schema_like} (its schema spells out the structs)."
+    return Tool(name=spec.name, description=description, input_schema=compact_schema(schema),
                 annotations=annotations)
 
 
@@ -197,7 +200,7 @@ def _c_structs_summarised(schema: dict[str, Any]) -> dict[str, Any]:
         name = ref.removeprefix("#/$defs/")
         if name in structs:
             doc = (defs[name].get("description") or name).split("\n")[0]
-            return {"type": "object", "description": f"{name} fields: {doc} (see rkllm_createDefaultParam)"}
+            return {"type": "object", "description": f"{name} fields: {doc} (spelled out in the rkllm_* tools)"}
         return {k: summarised(v) for k, v in node.items() if k != "$defs"}
 
     kept = {k: summarised(v) for k, v in defs.items() if k not in structs}
