@@ -162,6 +162,12 @@ class Settings(BaseSettings):
         1 << 20, "Most floats a run may return in one output array (hidden states, logits): rows x width after "
                  "`output_rows`. Checked before the output is computed where the runtime knows its size; over it "
                  "is LIMIT_EXCEEDED saying how many rows fit.", "limits", metavar="N", ge=1)
+    max_image_bytes: int = _setting(
+        20 << 20, "Largest image a vision model is given (chat / generate image parts, Ollama `images`), in bytes "
+                  "of the file (base64 decoded).", "limits", metavar="BYTES", ge=1)
+    max_image_pixels: int = _setting(
+        40_000_000, "Most pixels (width x height) in one image, checked before it is decoded (no decompression "
+                    "bombs).", "limits", metavar="N", ge=1)
     max_items: int = _setting(
         1024, "Most entries in one list of objects or strings: chat messages, tools, JSON-RPC batch entries, "
               "embedding inputs.", "limits", metavar="N", ge=1)

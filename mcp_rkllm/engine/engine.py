@@ -86,9 +86,19 @@ from mcp_rkllm.engine.types import (
     UnloadParams,
     UnloadResult,
 )
+from mcp_rkllm.engine.vision import (
+    IMAGE_TAG,
+    VisionEncoder,
+    image_bytes,
+    init_tags,
+    multimodal_input,
+    split_content,
+    vision_of,
+)
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import OutputLimit, RunCollector
 from mcp_rkllm.isolation.supervisor import WorkerLimits, WorkerModel, WorkerRuntime
+from mcp_rkllm.models import images
 from mcp_rkllm.models.families import Family, family_for
 from mcp_rkllm.models.paths import PathPolicy, default_cache_dir
 from mcp_rkllm.models.store import ChatTemplate, ModelInfo, ModelStore
@@ -356,6 +366,7 @@ class Engine:
 
     def _forget(self, h: Handle) -> None:
         self.handles.pop(h.id, None)
+        self.rknn.drop_encoder(h.id)  # a vision model's encoder goes with it
         h.slot.close()
         if self.default_handle == h.id:
             self.default_handle = None
@@ -387,7 +398,7 @@ class Engine:
             return await self._call(h, function, fn, *args)
 
     async def _load(self, param: RKLLMParam, function: str, model_name: str | None = None,
-                    template: ChatTemplate | None = None, stream: Stream = NO_STREAM) -> Handle:
+                    template: ChatTemplate | None = None, stream: Stream = NO_STREAM, min_domain: int = 0) -> Handle:
         """rkllm_init through the runtime (then the sidecar's chat template), after the checks the
         hardware needs; registers the handle once it is ready."""
         runtime = self.require_runtime(function)
@@ -404,7 +415,8 @@ class Engine:
             # Concurrent NPU models each get their own memory domain unless the client chose one.
             used = {h.param.extend_param.base_domain_id for h in self.handles.values() if h.param.extend_param}
             used |= self._reserved_domains
-            domain = next(d for d in range(len(used) + 1) if d not in used)
+            # (A vision model's LLM starts at 1: its RKNN encoder uses domain 0, as in the vendor demo.)
+            domain = next(d for d in range(min_domain, min_domain + len(used) + 1) if d not in used)
             param = param.model_copy(update={"extend_param": ext.model_copy(update={"base_domain_id": domain})})
         self._loading += 1
         self._reserved_bytes += size
@@ -468,6 +480,7 @@ class Engine:
         """Free the handle: new calls get UNKNOWN_HANDLE, waiting ones CANCELLED; abort its run, give
         it abort_timeout seconds to end, then rkllm_destroy (a stuck worker is killed)."""
         h.freed = True
+        encoder = self.rknn.encoders.pop(h.id, None)
         self._forget(h)
         deadline = anyio.current_time() + self.settings.abort_timeout
         while h.slot.held and (left := deadline - anyio.current_time()) > 0:
@@ -480,7 +493,10 @@ class Engine:
         if h.slot.held:
             log.warning("handle %s: its run did not end within %.0f s of rkllm_abort; destroying it anyway",
                         h.id, self.settings.abort_timeout)
-        await self._call(h, function, h.model.destroy)
+        try:
+            await self._call(h, function, h.model.destroy)
+        finally:
+            await self.rknn.close_encoder(encoder)
 
     async def _abort_model(self, h: Handle, function: str) -> None:
         try:
@@ -737,9 +753,16 @@ class Engine:
             raise RkllmError("INVALID_PARAMS", function=function, detail="param.model_path: give the model by name")
         base = info.sidecar.param if info.sidecar else RKLLMParam()
         merged = overlay_param(base, param or RKLLMParam()).model_copy(update={"model_path": str(info.path)})
+        encoder = None
+        if info.vision_encoder is not None and runtime.name == "native":
+            # The encoder is confined like the model; the LLM's image tags go in RKLLMParam on 1.2.x.
+            encoder = self.paths.model_file(str(info.vision_encoder), function)
+            merged = init_tags(merged, vision_of(info), runtime.abi)
         h = await self._load(merged, function, info.name, info.sidecar.chat_template if info.sidecar else None,
-                             stream)
+                             stream, min_domain=1 if encoder is not None else 0)
         h.family = info.family  # the sidecar's family, if it names one
+        if encoder is not None:
+            await self.rknn.open_encoder(h.id, encoder, vision_of(info))
         if self.default_handle not in self.handles:
             self.default_handle = h.id
         return h
@@ -829,15 +852,21 @@ class Engine:
         """A reply to `prompt` (chat template applied), streamed."""
         h = await self._target(p, "generate", stream)
         s = self.settings
+        parts = [{**i.model_dump(), "where": f"images[{n}]"} for n, i in enumerate(p.images or [])]
+        encoder = self._encoder(h, "generate") if parts else None
         async with h.slot.hold(s.busy_timeout, "generate", s.max_queued_runs):
             h.conversation = []
+            if encoder is not None:  # one <image> per image, before the prompt (as the vendor demo writes it)
+                inp = await self._vision_input(h, encoder, IMAGE_TAG * len(parts) + p.prompt, parts, "user",
+                                               p.enable_thinking, "generate")
+            else:
+                inp = RKLLMInput(prompt_input=p.prompt, enable_thinking=p.enable_thinking)
             await self._offer_tools(h, None, "generate")
             family = with_tool_format(h.family, False)
             replies = reply_stream(stream, family)
             watch = self._stop_watch(h, p.stop, replies.stream, "generate")
-            result = await self._relay(h, RKLLMInput(prompt_input=p.prompt, enable_thinking=p.enable_thinking),
-                                       p.infer(h.param, p.keep_history), watch.stream if watch else replies.stream,
-                                       "generate")
+            result = await self._relay(h, inp, p.infer(h.param, p.keep_history),
+                                       watch.stream if watch else replies.stream, "generate")
             result = await _stopped(result, watch)
             parsed = await replies.finish(result.text)
         return GenerateResult(**_understood(parsed, family), finish_reason=result.finish_reason,
@@ -851,9 +880,18 @@ class Engine:
         """
         h = await self._target(p, "chat", stream)
         messages = [m.model_dump(exclude={"reasoning_content"}) for m in p.messages]
+        texts, pictures = [], []  # the messages with <image> where their images were; the images of each
+        for i, m in enumerate(messages):
+            text, found = split_content(m["content"], f"messages[{i}].content")
+            if found and m["role"] != "user":
+                raise RkllmError("INVALID_PARAMS", function="chat",
+                                 detail=f"messages[{i}]: only user messages may carry images")
+            texts.append({**m, "content": text})
+            pictures.append(found)
+        encoder = self._encoder(h, "chat") if any(pictures) else None
         tools = [t.model_dump() for t in p.tools] if p.tools and p.tool_choice == "auto" else None
         family = with_tool_format(h.family, tools is not None)
-        turns = render_history(family, messages)
+        turns = render_history(family, texts)
         last = turns[-1]
         role = "tool" if last["role"] == "tool" else "user"
         s = self.settings
@@ -871,10 +909,16 @@ class Engine:
             else:
                 await self._call(h, "chat", h.model.clear_kv_cache, 0, None, None)
                 prompt = _flatten(turns)
+            # The images the run sends: the new message's when the cache holds the rest, else every message's.
+            parts = pictures[-1] if reused else [q for found in pictures for q in found]
+            if encoder is not None and parts:
+                inp = await self._vision_input(h, encoder, prompt, parts, role, p.enable_thinking, "chat")
+            else:
+                inp = RKLLMInput(prompt_input=prompt, role=role, enable_thinking=p.enable_thinking)
             replies = reply_stream(stream, family)
             watch = self._stop_watch(h, p.stop, replies.stream, "chat")
-            result = await self._relay(h, RKLLMInput(prompt_input=prompt, role=role, enable_thinking=p.enable_thinking),
-                                       p.infer(h.param, True), watch.stream if watch else replies.stream, "chat")
+            result = await self._relay(h, inp, p.infer(h.param, True), watch.stream if watch else replies.stream,
+                                       "chat")
             result = await _stopped(result, watch)
             parsed = await replies.finish(result.text)
             understood = _understood(parsed, family)
@@ -893,6 +937,56 @@ class Engine:
         return ChatResult(**understood, message=message, finish_reason=result.finish_reason,
                           token_count=result.token_count, perf=result.perf, handle=h.id, model=h.model_name,
                           reused_history=reused)
+
+    def _encoder(self, h: Handle, function: str) -> VisionEncoder:
+        """The vision encoder of the model on `h`; NOT_SUPPORTED saying what is missing when it has none."""
+        runtime = self.require_runtime(function)
+        name = h.model_name or Path(h.param.model_path or h.id).name
+        if runtime.name != "native":
+            raise RkllmError("NOT_SUPPORTED", function=function, what="images",
+                             detail=f" on the {runtime.name} runtime: a vision model needs the NPU runtime (a .rkllm "
+                                    "model with its .rknn vision encoder, run by librknnrt)")
+        encoder = self.rknn.encoders.get(h.id)
+        if isinstance(encoder, RkllmError):
+            raise RkllmError("NOT_SUPPORTED", function=function, what=f"images for {name}",
+                             detail=f": its vision encoder could not be opened ({encoder.code}: {encoder.message})")
+        if encoder is None:
+            raise RkllmError("NOT_SUPPORTED", function=function, what=f"images for {name}",
+                             detail=": it is a text-only model, with no vision encoder (a vision model is loaded by "
+                                    "name, with its .rknn named by `vision_encoder` in its sidecar or alone beside it "
+                                    "in its own folder)")
+        if encoder.vision is None:
+            raise RkllmError("NOT_SUPPORTED", function=function, what=f"images for {name}",
+                             detail=f": the image tags of its family ({h.family.name}) are not known; set `family` "
+                                    "or image_start / image_end / image_content in its sidecar")
+        return encoder
+
+    async def _vision_input(self, h: Handle, encoder: VisionEncoder, prompt: str, parts: list[dict[str, Any]],
+                            role: str, enable_thinking: bool, function: str) -> RKLLMInput:
+        """RKLLM_INPUT_MULTIMODAL for `prompt` (with one <image> per part): each image read, decoded, prepared and
+        run through the encoder, in order."""
+        s = self.settings
+        if prompt.count(IMAGE_TAG) != len(parts):
+            raise RkllmError("INVALID_PARAMS", function=function,
+                             detail=f"the text holds {IMAGE_TAG} itself ({prompt.count(IMAGE_TAG) - len(parts)} more "
+                                    f"than the {len(parts)} image(s)): the runtime would take it for an image")
+        per_image = encoder.tokens * encoder.row
+        if per_image * len(parts) > s.max_floats:
+            raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"the embeddings of {len(parts)} image(s)",
+                             value=per_image * len(parts), limit=s.max_floats)
+        assert encoder.vision is not None
+        fill = encoder.vision.fill
+
+        def one(part: dict[str, Any]) -> Any:
+            where = part["where"]
+            img = images.decode(image_bytes(part, where, function, s, self.paths), where, function,
+                                s.max_image_pixels)
+            pixels = images.prepare(img, encoder.width, encoder.height, encoder.layout, fill)
+            return encoder.encode(pixels, per_image * 4)
+
+        rows = [await anyio.to_thread.run_sync(one, part) for part in parts]
+        runtime = self.require_runtime(function)
+        return multimodal_input(prompt, rows, encoder, runtime.abi, role, enable_thinking)
 
     def _stop_watch(self, h: Handle, stop: list[str] | None, downstream: Stream, function: str) -> StopWatch | None:
         """A StopWatch that aborts the run on `h` at the first stop string, or None without stop strings."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema, model_validator
 
 from mcp_rkllm.structs import (
     Int32,
@@ -188,6 +188,8 @@ class ModelEntry(BaseModel):
     defaults: dict[str, Any] | None = None
     link: str | None = Field(None, description="The symlink in a model root the model is listed as (`path` is "
                                                "the file it points to).")
+    vision: bool = Field(False, description="A vision-language model: chat and generate take images.")
+    vision_encoder: str | None = Field(None, description="Its vision encoder (.rknn).")
 
 
 class ListModelsResult(Result):
@@ -290,11 +292,79 @@ class Sampling(Params):
                                max_new_tokens=self.max_new_tokens or 0)
 
 
+class Blob:
+    """An image's text form (base64, a data: URI or a path), kept out of the string limits: it is bounded by
+    `--max-image-bytes` when the image is read, not by `--max-prompt-bytes`."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Blob) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"Blob({len(self.text)} characters)"
+
+
+def _blob(value: Any) -> Blob:
+    if isinstance(value, Blob):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return Blob(value)
+
+
+_BLOB_TEXT = PlainSerializer(lambda b: b.text, return_type=str)
+
+ImageData = Annotated[Blob, PlainValidator(_blob), _BLOB_TEXT, WithJsonSchema({
+    "type": "string", "description": "The image file's bytes (PNG, JPEG or WebP), base64."})]
+ImageUrl = Annotated[Blob, PlainValidator(_blob), _BLOB_TEXT, WithJsonSchema({
+    "type": "string", "description": "A data: URI (data:image/png;base64,...) or the path of an image file inside "
+                                      "the model folders."})]
+
+
+class TextPart(Params):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(Params):
+    """An image as MCP's image content carries it."""
+
+    type: Literal["image"]
+    data: ImageData
+    mimeType: str | None = Field(None, max_length=128, description="e.g. image/png (the bytes decide).")
+
+
+class ImageUrlRef(Params):
+    url: ImageUrl
+    detail: str | None = Field(None, max_length=16, description="Accepted and ignored (the encoder's size rules).")
+
+
+class ImageUrlPart(Params):
+    """An image as OpenAI's image_url part carries it."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrlRef
+
+
+ImageInput = Annotated[ImagePart | ImageUrlPart, Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart | ImageUrlPart, Field(discriminator="type")]
+
+
 class GenerateParams(Sampling):
     prompt: str = Field(min_length=1, description="The user prompt; the model's chat template is applied.")
     keep_history: bool = Field(False, description="Continue the conversation held in the handle's KV cache.")
     enable_thinking: bool = Field(False, description="Let a thinking model (Qwen3-style templates) reason first "
                                                      "(RKLLMInput.enable_thinking, RKLLM 1.2.1+).")
+    images: list[ImageInput] | None = Field(None, description="Images for a vision model, before the prompt: "
+                                            '{"type": "image", "data": <base64>, "mimeType": "image/png"} or '
+                                            '{"type": "image_url", "image_url": {"url": <data: URI or path>}}.')
 
 
 class ToolCall(BaseModel):
@@ -325,7 +395,11 @@ class GenerateResult(Result):
 
 class ChatMessage(Params):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = Field(None, description="The text (null for an assistant message that only calls tools).")
+    content: str | list[ContentPart] | None = Field(
+        None, description="The text (null for an assistant message that only calls tools); a user message may be a "
+                          'list of parts: {"type": "text", "text"}, {"type": "image", "data": <base64>, "mimeType"} '
+                          '(MCP) or {"type": "image_url", "image_url": {"url": <data: URI or path>}} (OpenAI), '
+                          "for a vision model.")
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's tool calls, as returned.")
     tool_call_id: str | None = Field(None, description="A tool message: the id of the call it answers.")
     name: str | None = Field(None, description="A tool message: the tool's name (optional).")

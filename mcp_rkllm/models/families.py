@@ -103,6 +103,25 @@ class ToolResult:
 
 
 @dataclass(frozen=True)
+class Vision:
+    """How a vision-language family takes images (RKLLM multimodal input, reference rknn-api.md §3).
+
+    Each `<image>` in the prompt becomes `image_start + image_content x n_image_tokens + image_end`
+    in the runtime, the encoder's rows substituted at the `image_content` positions. `fill` is the grey
+    an image is padded with to a centred square (the demo's 127.5, which OpenCV rounds to 128);
+    `combine` is how several encoder outputs make one row per token ("interleave": token t's row is
+    output 0's row t, then output 1's, ..., as the demo does for Qwen3-VL's deepstack outputs). Token
+    count, row width and the encoder's input size are never here: they come from the `.rknn` itself.
+    """
+
+    image_start: str
+    image_end: str
+    image_content: str
+    fill: int = 128
+    combine: Literal["interleave"] = "interleave"
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family: its name, the file-name patterns that select it, and its output formats."""
 
@@ -112,6 +131,7 @@ class Family:
     tool_calls: ToolCalls | None
     tool_result: ToolResult
     source: str
+    vision: Vision | None = None
     _compiled: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +146,7 @@ class Family:
 _HERMES_RESULT = ToolResult("user", "<tool_response>\n", "\n</tool_response>")
 _HERMES_CALLS = ToolCalls("<tool_call>", "</tool_call>", "json")
 _THINK = ("<think>", "</think>")
+_QWEN_VISION = Vision("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
 #: Every family, in matching order: the first whose pattern matches the file name wins, so the more
 #: specific names come first (a DeepSeek-R1 distill of Qwen is DeepSeek-R1). `default` matches nothing.
@@ -137,6 +158,27 @@ FAMILIES: tuple[Family, ...] = (
                       "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", joiner=""),  # noqa: RUF001
            "chat template of deepseek-ai/DeepSeek-R1-Distill-* (generation prompt '<｜Assistant｜><think>\\n'); "  # noqa: RUF001
            "llama.cpp common/chat DeepSeek-R1 format"),
+    # Vision-language families first: a Qwen2.5-VL file is Qwen2.5-VL before it is Qwen2.5.
+    Family("qwen3-vl", (r"qwen[-_ ]?3[-_ .]?vl",),
+           Reasoning(*_THINK), _HERMES_CALLS, _HERMES_RESULT,
+           "chat template of Qwen/Qwen3-VL-*; image tags: rknn-llm multimodal demo (rknn-api.md §3.3)",
+           vision=_QWEN_VISION),
+    Family("qwen2.5-vl", (r"qwen[-_ ]?2\.5[-_ .]?vl",),
+           None, _HERMES_CALLS, _HERMES_RESULT,
+           "chat template of Qwen/Qwen2.5-VL-*; image tags: rknn-llm multimodal demo (rknn-api.md §3.3)",
+           vision=_QWEN_VISION),
+    Family("qwen2-vl", (r"qwen[-_ ]?2[-_ .]?vl",),
+           None, _HERMES_CALLS, _HERMES_RESULT,
+           "chat template of Qwen/Qwen2-VL-*; image tags: rknn-llm Qwen2-VL demo (rknn-api.md §3.3)",
+           vision=_QWEN_VISION),
+    Family("internvl3", (r"internvl[-_ ]?3",),
+           None, None, _HERMES_RESULT,
+           "OpenGVLab/InternVL3-* (image tags <img></img><IMG_CONTEXT>: rknn-llm multimodal demo README)",
+           vision=Vision("<img>", "</img>", "<IMG_CONTEXT>")),
+    Family("minicpm-v", (r"minicpm[-_ ]?v",),
+           None, None, _HERMES_RESULT,
+           "openbmb/MiniCPM-V-* (image tags <image></image><unk>: rkllama README for MiniCPM-V)",
+           vision=Vision("<image>", "</image>", "<unk>")),
     Family("qwen3", (r"qwen[-_ ]?3",),
            Reasoning(*_THINK), _HERMES_CALLS, _HERMES_RESULT,
            "chat template of Qwen/Qwen3-* (tokenizer_config.json)"),

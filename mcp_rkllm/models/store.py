@@ -60,6 +60,12 @@ class Sidecar(BaseModel):
                                                  "one its file name suggests.")
     param: RKLLMParam = RKLLMParam()
     chat_template: ChatTemplate | None = None
+    vision_encoder: str | None = Field(None, min_length=1, description="The model's vision encoder (`.rknn`), "
+                                       "relative to the sidecar's folder; without it, the only `.rknn` beside the "
+                                       "only `.rkllm` of a folder pairs with it.")
+    image_start: str | None = Field(None, description="Image start tag, over the family's (e.g. <|vision_start|>).")
+    image_end: str | None = Field(None, description="Image end tag, over the family's (e.g. <|vision_end|>).")
+    image_content: str | None = Field(None, description="Image content tag, over the family's (e.g. <|image_pad|>).")
 
     @field_validator("family")
     @classmethod
@@ -82,6 +88,9 @@ class ModelInfo:
     root: Path | None = None
     link: Path | None = None
     """The symlink in a root the model was found as (`path` is its target), or None for a plain file."""
+    vision_encoder: Path | None = None
+    """The vision encoder (`.rknn`) of a vision-language model: named by the sidecar, or the only one beside the
+    model in its own folder (as found: the engine confines and resolves it when the model loads)."""
 
     @property
     def file(self) -> str:
@@ -104,6 +113,9 @@ class ModelInfo:
                                "runtime": self.runtime, "size_bytes": self.size_bytes,
                                "size_mb": round(self.size_bytes / 2**20, 1), "bundled": self.bundled}
         out["family"] = self.family.name
+        out["vision"] = self.vision_encoder is not None
+        if self.vision_encoder is not None:
+            out["vision_encoder"] = str(self.vision_encoder)
         if self.link is not None:
             out["link"] = str(self.link)
         if self.sidecar is not None:
@@ -253,7 +265,9 @@ class ModelStore:
             problems.append(Problem(str(path), exc.message, "Fix or remove the .json file next to the model."))
             sidecar = None
         link = path if real != path else None
-        return ModelInfo(path.stem, real, path.suffix[1:], st.st_size, sidecar=sidecar, root=root, link=link)
+        encoder = _vision_encoder(path, sidecar, problems)
+        return ModelInfo(path.stem, real, path.suffix[1:], st.st_size, sidecar=sidecar, root=root, link=link,
+                         vision_encoder=encoder)
 
     def models(self) -> list[ModelInfo]:
         """Every model under the roots (sorted by name), then the bundled one (see `scan`)."""
@@ -285,6 +299,32 @@ class ModelStore:
                          detail=f"; available: {', '.join(m.file for m in models) or 'none'} "
                                 f"(roots: {', '.join(map(str, self.roots))})",
                          available=[m.file for m in models])
+
+
+def _vision_encoder(model: Path, sidecar: Sidecar | None, problems: list[Problem]) -> Path | None:
+    """The `.rknn` vision encoder of the `.rkllm` at `model` (as it lies in its root): the sidecar's
+    `vision_encoder`, relative to the sidecar's folder; else the only `.rknn` of a folder whose only `.rkllm`
+    the model is. A named encoder that is missing is a problem (the model still loads, for text)."""
+    if model.suffix != ".rkllm":
+        return None
+    folder = model.parent
+    if sidecar is not None and sidecar.vision_encoder is not None:
+        named = folder / sidecar.vision_encoder
+        if not named.is_file():
+            problems.append(Problem(str(named), f"{model.name}: its vision encoder {named} (sidecar "
+                                                f"vision_encoder) is not a file; the model loads without images",
+                                    "Fix vision_encoder in the sidecar, or put the .rknn file there."))
+            return None
+        return named
+    try:
+        names = [e.name for e in os.scandir(folder) if not e.name.startswith(".")]
+    except OSError:
+        return None
+    encoders = [n for n in names if n.endswith(".rknn")]
+    models = [n for n in names if n.endswith(".rkllm")]
+    if len(encoders) == 1 and models == [model.name]:
+        return folder / encoders[0]
+    return None
 
 
 def _real_or_same(path: Path) -> Path:

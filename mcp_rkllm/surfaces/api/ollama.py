@@ -88,7 +88,15 @@ def _capabilities(model: ModelInfo) -> list[str]:
     """What /api/show advertises: tools when the family has a call format (chat offers tools to any model, but
     only these were trained for it), thinking when it marks reasoning."""
     family = model.family
-    return ["completion"] + (["tools"] if family.tool_calls else []) + (["thinking"] if family.reasoning else [])
+    return ["completion"] + (["tools"] if family.tool_calls else []) + (["thinking"] if family.reasoning else []) + (
+        ["vision"] if model.vision_encoder is not None else [])
+
+
+def _images(images: Any, where: str) -> list[dict[str, Any]]:
+    """Ollama's `images` (base64 strings) as image parts for a vision model."""
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise unsupported(where, "must be a list of base64-encoded images")
+    return [{"type": "image", "data": i} for i in images]
 
 
 def _ollama_call(call: dict[str, Any], index: int) -> dict[str, Any]:
@@ -300,8 +308,8 @@ class OllamaRoutes:
                 raise unsupported(field, "not supported by this server (the model's own chat template is applied)")
         if body.get("format"):
             raise unsupported("format", "structured output (format) is not supported")
-        if body.get("images"):
-            raise unsupported("images", "images need a vision model, which this server cannot run yet")
+        if body.get("images") is not None:
+            _images(body["images"], "images")  # a 400 for what is not a list of base64 strings
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise unsupported("options", "must be an object")
@@ -440,9 +448,13 @@ class OllamaRoutes:
         if not isinstance(prompt, str):
             raise unsupported("prompt", "must be a string")
         args = self._arguments(body)
+        pictures = _images(body.get("images") or [], "images")
         if body.get("system"):
-            messages = [{"role": "system", "content": str(body["system"])}, {"role": "user", "content": prompt}]
+            user = [*pictures, {"type": "text", "text": prompt}] if pictures else prompt
+            messages = [{"role": "system", "content": str(body["system"])}, {"role": "user", "content": user}]
             return await self._run(request, body, "chat", {**args, "messages": messages}, chat=False)
+        if pictures:
+            args["images"] = pictures
         return await self._run(request, body, "generate", {**args, "prompt": prompt}, chat=False)
 
     async def chat(self, request: Request) -> Response:
@@ -456,11 +468,12 @@ class OllamaRoutes:
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise unsupported(f"messages[{i}]", "must be an object")
-            if m.get("images"):
-                raise unsupported(f"messages[{i}].images", "images need a vision model, which this server cannot run "
-                                                           "yet")
             turn: dict[str, Any] = {"role": m.get("role"),
                                     "content": m.get("content") if m.get("content") is not None else ""}
+            if m.get("images"):  # the images first, then the text (as the vendor demo's "<image>...")
+                text = turn["content"]
+                turn["content"] = [*_images(m["images"], f"messages[{i}].images"),
+                                   *([{"type": "text", "text": text}] if isinstance(text, str) and text else [])]
             if m.get("tool_calls"):
                 turn["tool_calls"] = [_openai_call(c, f"messages[{i}].tool_calls[{j}]")
                                       for j, c in enumerate(m["tool_calls"])]

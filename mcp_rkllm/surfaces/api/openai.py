@@ -103,23 +103,28 @@ def _timings(result: dict[str, Any]) -> dict[str, float] | None:
             "predicted_per_second": result["token_count"] / predicted_ms * 1000 if predicted_ms else 0.0}
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's content as text: a string, null, or a list of text parts."""
+def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content: text (a string, null, or a list of text parts), or, with images (`image_url`
+    parts: a data: URI or a path inside the model folders), the list of text and image parts for a vision model."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = []
+        texts, parts = [], []
         for i, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
-            elif kind in ("image_url", "input_image", "image"):
-                raise unsupported(f"{where}[{i}]", "images need a vision model, which this server cannot run yet")
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url" and isinstance(part.get("image_url"), dict | str):
+                ref = part["image_url"]
+                parts.append({"type": "image_url", "image_url": {"url": ref} if isinstance(ref, str) else ref})
+            elif kind in ("input_image", "image"):
+                raise unsupported(f"{where}[{i}]", "give images as image_url parts (a data: URI)")
             else:
                 raise unsupported(f"{where}[{i}]", f"unsupported content part type {kind!r}")
-        return "\n".join(texts)
+        return parts if len(parts) > len(texts) else "\n".join(texts)
     raise RkllmError("INVALID_PARAMS", function="chat", detail=f"{where}: must be a string or a list of parts",
                      param=where, errors=[{"field": where, "problem": "must be a string or a list of parts"}])
 

@@ -1,0 +1,117 @@
+"""Images for vision encoders, as the vendor's multimodal demo prepares them (reference rknn-api.md §3.1 step 3).
+
+Pure functions on bytes, no runtime: `decode` reads PNG, JPEG or WebP with Pillow into RGB, bounded in
+pixels before anything is decoded (a decompression bomb is LIMIT_EXCEEDED, a broken or truncated file
+INVALID_PARAMS); `to_square` pads it to a centred square of the family's grey (integer offsets
+`(size - w) // 2`, `(size - h) // 2`, as the demo's expand2square); `resize` scales the square bilinearly to
+the encoder's input size; `pixels` lays it out as uint8 HWC (NHWC) or CHW (NCHW). `prepare` does all four.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from typing import Literal
+
+from PIL import Image, UnidentifiedImageError
+
+from mcp_rkllm.errors import RkllmError
+
+#: The formats the pipeline decodes (Pillow's names); anything else is refused before decoding.
+FORMATS = ("PNG", "JPEG", "WEBP")
+
+Layout = Literal["NHWC", "NCHW"]
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
+                       re.IGNORECASE)
+
+
+def _invalid(function: str, detail: str) -> RkllmError:
+    return RkllmError("INVALID_PARAMS", function=function, detail=detail)
+
+
+def b64decode(text: str, where: str, function: str, max_bytes: int) -> bytes:
+    """Base64 text (whitespace allowed) as bytes, bounded by `max_bytes` before decoding."""
+    compact = "".join(text.split())
+    size = len(compact) * 3 // 4
+    if size > max_bytes + 2:
+        raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"{where} (image bytes)", value=size,
+                         limit=max_bytes)
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(function, f"{where}: not valid base64") from None
+    if len(data) > max_bytes:
+        raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"{where} (image bytes)", value=len(data),
+                         limit=max_bytes)
+    return data
+
+
+def data_uri(text: str, where: str, function: str, max_bytes: int) -> bytes | None:
+    """The bytes of a `data:` URI (base64 only), or None when `text` is not one."""
+    match = _DATA_URI.match(text)
+    if match is None:
+        return None
+    if not match.group("b64"):
+        raise _invalid(function, f"{where}: a data: URI must be base64 (data:image/png;base64,...)")
+    return b64decode(text[match.end():], where, function, max_bytes)
+
+
+def decode(data: bytes, where: str, function: str, max_pixels: int) -> Image.Image:
+    """The image in `data` (PNG, JPEG or WebP) as RGB; its pixel count is checked before it is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"{where} (pixels, {width}x{height})",
+                                 value=width * height, limit=max_pixels)
+            img.load()
+            # Palette and grey images with transparency go through RGBA, as Pillow advises.
+            if img.mode in ("P", "LA", "PA") or (img.mode == "L" and "transparency" in img.info):
+                img = img.convert("RGBA")
+            return img.convert("RGB")
+    except RkllmError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"{where} (pixels)", value=str(exc)[:120],
+                         limit=max_pixels) from None
+    except UnidentifiedImageError:
+        raise _invalid(function, f"{where}: not a PNG, JPEG or WebP image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated, corrupt, unsupported mode
+        raise _invalid(function, f"{where}: the image cannot be decoded ({str(exc)[:200] or type(exc).__name__})"
+                       ) from None
+
+
+def to_square(img: Image.Image, fill: int) -> Image.Image:
+    """`img` centred on a max(w, h) square of grey `fill` (offsets `(size - w) // 2`, `(size - h) // 2`)."""
+    width, height = img.size
+    if width == height:
+        return img
+    size = max(width, height)
+    square = Image.new("RGB", (size, size), (fill, fill, fill))
+    square.paste(img, ((size - width) // 2, (size - height) // 2))
+    return square
+
+
+def resize(img: Image.Image, width: int, height: int) -> Image.Image:
+    """`img` scaled to `width` x `height`, bilinear."""
+    if img.size == (width, height):
+        return img
+    return img.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def pixels(img: Image.Image, layout: Layout) -> bytes:
+    """An RGB image's uint8 values: HWC (NHWC) or CHW (NCHW), row-major."""
+    if layout == "NHWC":
+        return img.tobytes()
+    return b"".join(band.tobytes() for band in img.split())
+
+
+def prepare(img: Image.Image, width: int, height: int, layout: Layout, fill: int) -> bytes:
+    """The encoder's input for `img`: padded to a square of `fill`, resized, uint8 in `layout`."""
+    return pixels(resize(to_square(img, fill), width, height), layout)
