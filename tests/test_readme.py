@@ -14,7 +14,8 @@
   without a traceback.
 
 A block says how to run it with an HTML comment right before it: `<!-- readme-test: run-with=fake-http -->`
-(against the live fake-runtime HTTP server), `run-with=fragment` (a Python excerpt: run inside FRAGMENT_PRELUDE).
+(against the live fake-runtime HTTP server), `run-with=fragment` (a Python excerpt: run inside FRAGMENT_PRELUDE),
+`run-with=compile-only` (a Python block that needs what this machine lacks: compiled, and listed in COMPILE_ONLY).
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ messages = [{"role": "user", "content": "Say hello."}]
 async def main() -> None:
 '''
 FRAGMENT_EPILOGUE = "    assert not reply.is_error, reply\n\n\nanyio.run(main)\n"
+
+#: Python blocks that are only compiled (`run-with=compile-only`), keyed by their first line, with why.
+COMPILE_ONLY = {"import base64, openai": "needs a vision model (a .rkllm with its .rknn encoder, librknnrt) and "
+                                         "cat.jpg; tests/test_vision.py sends the same image_url parts"}
 
 #: Commands that are only parsed (their `mcp-rkllm` part by the CLI parser), keyed by how the command starts,
 #: with why they do not run here.
@@ -353,7 +358,9 @@ def test_every_block_and_command_is_classified() -> None:
     found = blocks()
     assert len(found) > 40 and {b.lang for b in found} <= {"bash", "text", "json", "jsonc", "python", "yaml"}
     unmarked = [b.line for b in found
-                if b.lang == "python" and b.marker.get("run-with") not in ("fake-http", "fragment")]
+                if b.lang == "python" and b.marker.get("run-with") not in ("fake-http", "fragment", "compile-only")]
+    compiled = {b.first for b in found if b.marker.get("run-with") == "compile-only"}
+    assert compiled == set(COMPILE_ONLY), f"compile-only blocks and COMPILE_ONLY differ: {compiled ^ set(COMPILE_ONLY)}"
     assert not unmarked, f"README python blocks at lines {unmarked} need <!-- readme-test: run-with=... -->"
     commands = all_commands()
     kinds = {c.key(): classify(c) for c in commands}
@@ -414,6 +421,9 @@ def test_json_blocks_parse_and_client_configs_match_the_server() -> None:
             elif isinstance(value, dict) and value.get("jsonrpc") == "2.0":
                 if "method" in value and not value["method"].startswith("rkllm.callback"):
                     assert _jsonrpc_method_known(value["method"]), f"{where}: no method {value['method']}"
+            elif isinstance(value, dict) and "model" in value:  # arguments of the chat / generate tools
+                spec = build_registry().specs["chat" if "messages" in value else "generate"]
+                spec.params.model_validate(value)
             else:  # the model sidecar example: read as the store reads it
                 assert isinstance(value, dict) and "max_new_tokens" in value, where
     # the inline configs of the prose, too
@@ -678,7 +688,14 @@ def test_quickstart_try_runs_on_the_cpu_runtime(tmp_path: Path) -> None:
 
 
 def python_blocks() -> list[Block]:
-    return [b for b in blocks() if b.lang == "python"]
+    return [b for b in blocks() if b.lang == "python" and b.marker.get("run-with") != "compile-only"]
+
+
+def test_compile_only_python_blocks_compile() -> None:
+    for block in blocks():
+        if block.marker.get("run-with") == "compile-only":
+            assert block.first in COMPILE_ONLY, f"README line {block.line}: say why in COMPILE_ONLY"
+            compile(block.text, f"README line {block.line}", "exec")
 
 
 @pytest.mark.slow
