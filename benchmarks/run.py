@@ -30,6 +30,11 @@ Rows (targets from the benchmarks issue):
      for NDJSON (10x rkllama's best on this kind of machine: 10k-16k and 20k-28k; a vendor Flask demo
      3.5k-4.8k), with the ratio to row 1's R2; latency at 40 tokens/s (as row 2) p99 < 3.9 ms
      (rkllama's added p50 / p99: 1.7 / 3.9 ms), with the difference to row 2.
+ 10. HAProxy in front (issue 17, README "Several boards"): one `--transport http --isolation none` server and
+     HAProxy with deploy/haproxy.cfg before it (BOARD1 = the server, LISTEN on loopback), the OpenAI SSE stream
+     of row 9 measured direct and through HAProxy in the same run, alternating: relay capacity (median of 3
+     each) with HAProxy / direct >= 0.9; latency at 40 tokens/s (as row 2) p50 / p99 each, and what HAProxy
+     adds: p99 < 2 ms. Skipped, saying why, when `haproxy` is not installed (.ci/run installs it).
 
 The fake runtime (tests/fake_rkllm) stands in for the NPU; it is built with gcc on first use.
 The servers started here get limits that allow what the rows ask for (MAX_NEW_TOKENS below).
@@ -684,6 +689,89 @@ async def http_rows(library: Path, model: Path, records: Path, quick: bool) -> d
     return {name: (rates[name], lats[name]) for name in apis}
 
 
+# --------------------------------------------------------------------------- row 10
+
+
+HAPROXY_CONFIG = REPO / "deploy" / "haproxy.cfg"
+
+
+def find_haproxy() -> str | None:
+    """The haproxy binary: on PATH, or in an sbin directory a user's PATH may leave out (as tests/test_fleet.py)."""
+    import shutil
+
+    return shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None)
+
+
+async def start_haproxy(haproxy: str, board_port: int, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """HAProxy with deploy/haproxy.cfg on 127.0.0.1:`port`, BOARD1 the server on `board_port` (the environment
+    as tests/test_fleet.py gives it); returned once a request through it reaches the server's /healthz."""
+    import httpx
+
+    env = {"PATH": os.environ.get("PATH", ""), "LISTEN": f"127.0.0.1:{port}", "BOARD1": f"127.0.0.1:{board_port}"}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([haproxy, "-db", "-f", str(HAPROXY_CONFIG)], env=env, cwd=str(REPO),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited with status {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if (await client.get("/healthz")).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.05)
+    stop_server(proc)
+    raise RuntimeError(f"nothing reached the server through haproxy: {log.read_text()[-2000:]}")
+
+
+#: Row 10's measurements per path ("direct", "haproxy"): capacities (tokens/s), content pieces of the last
+#: capacity run, latencies (ms).
+ProxyRows = dict[str, tuple[list[float], int, list[float]]]
+
+
+async def haproxy_rows(library: Path, model: Path, records: Path, quick: bool) -> ProxyRows | str:
+    """Row 10 on one HTTP server with HAProxy in front (both stopped at the end): the OpenAI SSE stream's
+    capacity and latency at 40 tokens/s, direct and through HAProxy, alternating which goes first; or why not."""
+    import httpx
+
+    haproxy = find_haproxy()
+    if haproxy is None:
+        return "haproxy is not installed: `apt-get install haproxy`, as .ci/run does"
+    port, proxy_port = free_port(), free_port()
+    log = Path(tempfile.mkdtemp(prefix="mcp-rkllm-haproxy-")) / "haproxy.log"
+    proc = await start_http_server(library, records, port)
+    proxy: subprocess.Popen[bytes] | None = None
+    rates: dict[str, list[float]] = {"direct": [], "haproxy": []}
+    pieces: dict[str, int] = {}
+    lats: dict[str, list[float]] = {"direct": [], "haproxy": []}
+    try:
+        proxy = await start_haproxy(haproxy, port, proxy_port, log)
+        async with (httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as direct,
+                    httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxy_port}", timeout=120) as proxied):
+            clients = {"direct": direct, "haproxy": proxied}
+            for client in clients.values():  # the first loads the model; both connections open before measuring
+                await http_stream(client, OPENAI_SSE, "warm up", 1000, lambda text: None)
+            order = list(clients)
+            for _ in range(3):
+                for name in order:
+                    rate, _, pieces[name] = await http_rate(clients[name], OPENAI_SSE,
+                                                            100_000 if quick else 300_000)
+                    rates[name].append(rate)
+                order.reverse()
+            for _ in range(2 if quick else 4):  # rounds of 65 tokens (60 measured) each, alternating
+                for name in order:
+                    lats[name] += await http_stamp_latency(clients[name], OPENAI_SSE, 65)
+                order.reverse()
+    finally:
+        if proxy is not None:
+            stop_server(proxy)
+        stop_server(proc)
+    return {name: (rates[name], pieces[name], lats[name]) for name in rates}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -778,6 +866,24 @@ async def main(args: argparse.Namespace) -> int:
         row(f"9 latency at 40 tokens/s, {name}, p50 / p99", f"{h50:.2f} / {h99:.2f} ms ({len(lat9)} tokens)",
             "p99 < 3.9 ms", h99 < 3.9)
         row(f"9 latency {name} - stdio (row 2), p50 / p99", f"{h50 - p50:+.2f} / {h99 - p99:+.2f} ms", "", None)
+    proxied = await haproxy_rows(library, model, records, args.quick)
+    if isinstance(proxied, str):
+        row("10 HAProxy vs direct, OpenAI SSE", f"skipped ({proxied})", ">= 0.9, added p99 < 2 ms", None)
+    else:
+        (rates_d, pieces_d, lat_d), (rates_h, pieces_h, lat_h) = proxied["direct"], proxied["haproxy"]
+        cap_d, cap_h = statistics.median(rates_d), statistics.median(rates_h)
+        row("10 R2 over OpenAI SSE, direct", f"{cap_d:,.0f} tokens/s ({pieces_d} pieces, median of {len(rates_d)})",
+            "", None)
+        row("10 R2 over OpenAI SSE, through HAProxy", f"{cap_h:,.0f} tokens/s ({pieces_h} pieces, median of "
+            f"{len(rates_h)})", "", None)
+        row("10 capacity, HAProxy / direct", f"{cap_h / cap_d:.2f}", ">= 0.9", cap_h / cap_d >= 0.9)
+        d50, d99, x50, x99 = pct(lat_d, 50), pct(lat_d, 99), pct(lat_h, 50), pct(lat_h, 99)
+        row("10 latency at 40 tokens/s, direct, p50 / p99", f"{d50:.2f} / {d99:.2f} ms ({len(lat_d)} tokens)",
+            "", None)
+        row("10 latency at 40 tokens/s, HAProxy, p50 / p99", f"{x50:.2f} / {x99:.2f} ms ({len(lat_h)} tokens)",
+            "", None)
+        row("10 latency added by HAProxy, p50 / p99", f"{x50 - d50:+.2f} / {x99 - d99:+.2f} ms", "added p99 < 2 ms",
+            x99 - d99 < 2)
     missed = [r for r in ROWS if r[3] is False]
     print(f"\n{len(ROWS)} rows, {len(missed)} missed", flush=True)
     return 0
