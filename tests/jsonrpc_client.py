@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.servers import REPO, server_env
+from tests.servers import REPO, drain_log, server_env
 
 
 class RpcConn:
@@ -90,6 +90,7 @@ def start_socket_server(library: Path, record_dir: Path, socket_path: Path, *fla
             try:
                 with socket.socket(socket.AF_UNIX) as probe:
                     probe.connect(str(socket_path))
+                drain_log(proc)
                 return proc
             except OSError:
                 pass

@@ -43,6 +43,30 @@ def events(record_dir: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+#: What each server started by these helpers wrote on stderr (read as it comes, by pid).
+_LOGS: dict[int, list[bytes]] = {}
+
+
+def drain_log(proc: subprocess.Popen[bytes]) -> None:
+    """Read the server's stderr as it comes (kept for `server_log`): nobody reading it would let the pipe
+    fill, and the server's next log line would then block it."""
+    import threading
+
+    lines = _LOGS.setdefault(proc.pid, [])
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+
+
+def server_log(proc: subprocess.Popen[bytes]) -> str:
+    """What the server has written on stderr so far (for servers started with drain_log)."""
+    return b"".join(_LOGS.get(proc.pid, [])).decode(errors="replace")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -64,6 +88,7 @@ def start_http_server(transport: str, library: Path, record_dir: Path, port: int
             raise RuntimeError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                drain_log(proc)
                 return proc
         except OSError:
             time.sleep(0.05)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.cpu import require_cpu_runtime
 from tests.fake_rkllm.build import build_fake
-from tests.servers import REPO, events, free_port, server_env, start_http_server, stop
+from tests.servers import REPO, drain_log, events, free_port, server_env, start_http_server, stop
 
 pytestmark = pytest.mark.slow  # starts server processes
 
@@ -301,6 +301,7 @@ def test_cpu_runtime_through_the_real_clients(tmp_path: Path) -> None:
     env = server_env(Path("/nonexistent"), None, tmp_path, MCP_RKLLM_RUNTIME="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "mcp_rkllm", "--transport", "http", "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    drain_log(proc)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30

@@ -47,7 +47,7 @@ from mcp_rkllm.models.store import read_sidecar
 from mcp_rkllm.surfaces.registry import build_registry
 from tests.cpu import require_cpu_runtime
 from tests.fake_rkllm.build import build_fake
-from tests.servers import REPO, free_port, server_env, start_http_server, stop
+from tests.servers import REPO, drain_log, free_port, server_env, server_log, start_http_server, stop
 
 README = REPO / "README.md"
 VENV_BIN = Path(sys.executable).parent
@@ -588,7 +588,8 @@ def _wait_for(check: Any, what: str, proc: subprocess.Popen[bytes], seconds: flo
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"{what}: the server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            time.sleep(0.2)  # the log reader takes the last lines
+            raise AssertionError(f"{what}: the server exited: {server_log(proc)}")
         with contextlib.suppress(OSError):
             if check():
                 return
@@ -613,6 +614,7 @@ def started(server: Server, text: str) -> Iterator[Settings]:
     (server.root / "one" / "only.rkllm").write_bytes(b"fake model")
     env = shell_env(server, **only_one)
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    drain_log(proc)  # a full stderr pipe would block the server
     try:
         if settings.transport == "jsonrpc":
             sock = Path(str(settings.socket))

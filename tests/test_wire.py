@@ -30,7 +30,17 @@ class Wire:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
         self.lines: queue.Queue[str] = queue.Queue()
         self.raw: list[str] = []
+        self.log: list[bytes] = []
         threading.Thread(target=self._read, daemon=True).start()
+        # The server's log must be read too: a full stderr pipe would block the server's next log line.
+        self._log_reader = threading.Thread(target=self._read_log, daemon=True)
+        self._log_reader.start()
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            del self.log[:-2000]  # the last lines, for diagnostics
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -65,8 +75,8 @@ class Wire:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode()
+        self._log_reader.join(5)  # the log reader takes the last lines
+        return b"".join(self.log).decode(errors="replace")
 
 
 def test_raw_stdio_session(tmp_path: Path) -> None:

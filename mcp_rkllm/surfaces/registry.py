@@ -73,13 +73,19 @@ def validation_detail(exc: ValidationError) -> tuple[str, list[dict[str, Any]]]:
     return "; ".join(f"{e['field']}: {e['problem']}" for e in errors), errors
 
 
+def _short(text: str, limit: int = 300) -> str:
+    """`text` for a log line: one line, at most `limit` characters (messages may quote a client's input)."""
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
 def _target(params: Params | None, result: BaseModel | None) -> str:
     """The ` handle=… model=…` part of a call's log line (what the call ran on, when it says)."""
     parts = []
     for key in ("handle", "model"):
         value = getattr(result, key, None) or getattr(params, key, None)
         if isinstance(value, str):
-            parts.append(f"{key}={value}")
+            parts.append(f"{key}={_short(value, 80)}")
     return (" " + " ".join(parts)) if parts else ""
 
 
@@ -132,7 +138,7 @@ class Registry:
             ms = (anyio.current_time() - started) * 1000
             engine.metrics.call(name, False, ms)
             error = as_error(exc, name)
-            log.info("%s%s: %s after %.0f ms (%s)", name, _target(params, None), error.code, ms, error.message)
+            log.info("%s%s: %s after %.0f ms (%s)", name, _target(params, None), error.code, ms, _short(error.message))
             raise error from None
         ms = (anyio.current_time() - started) * 1000
         engine.metrics.call(name, True, ms)
