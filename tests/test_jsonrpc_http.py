@@ -168,8 +168,8 @@ def test_http_and_socket_together_share_one_engine(tmp_path: Path) -> None:
         while not sock.exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        with RpcConn(sock) as conn:
-            handle = conn.result("rkllm.init", [None, {"model_path": "m.rkllm"}])["handle"]
+        with RpcConn(sock) as conn:  # loaded by name: shared (a connection's rkllm.init handle would go with it)
+            handle = conn.result("load_model", {"model": "m"})["handle"]
         with httpx.Client(timeout=30) as c:
             status = c.post(f"http://127.0.0.1:{port}/jsonrpc", json=rpc("server_status"),
                             headers={"Content-Type": "application/json"}).json()["result"]

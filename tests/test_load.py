@@ -45,9 +45,8 @@ def http_server(tmp_path: Path) -> Iterator[str]:
 
 async def test_many_http_clients_share_one_model(http_server: str, tmp_path: Path) -> None:
     """8 clients over Streamable HTTP generate on one handle at once: each gets its own, whole text."""
-    async with Client(http_server, mode="legacy") as first:
-        handle = (await call(first, "rkllm_init", {"param": {"model_path": str(tmp_path / "m.rkllm"),
-                                                             "max_new_tokens": 12}}))["handle"]
+    async with Client(http_server, mode="legacy") as first:  # loaded by name: shared by every session
+        handle = (await call(first, "load_model", {"model": "m", "param": {"max_new_tokens": 12}}))["handle"]
     words = [f"client{i}" for i in range(8)]
     results: dict[str, dict[str, Any]] = {}
     streamed: dict[str, list[str]] = {w: [] for w in words}

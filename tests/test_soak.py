@@ -388,7 +388,9 @@ class Soak:
                     break  # hang up mid-stream
         if done:
             if error is not None:
-                self.coded("openai stream", error, ("RUNTIME_CRASHED", "CANCELLED") if crash else None)
+                # A worker that died after the cycler unloaded its model answers as a freed handle does.
+                self.coded("openai stream", error, ("RUNTIME_CRASHED", "CANCELLED", "UNKNOWN_HANDLE") if crash
+                           else None)
             elif finish is None:
                 self.problem(f"openai: the stream of {word} ended without a finish_reason")
             elif crash is not None and finish == "length":  # "stop" if an unload cut it first

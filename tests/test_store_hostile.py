@@ -255,7 +255,7 @@ async def test_over_stdio(fake_path: Path, tmp_path: Path) -> None:
             assert reply["finish_reason"] == "length"
             doctor_checks = {c["name"]: c for c in (await call(client, "doctor", {}))["checks"]}
             assert "symlink loop" in doctor_checks["model file loop.rkllm"]["value"]
-            for path in ("loop.rkllm", "~nosuchuser-for-mcp-rkllm/m.rkllm", "n" * 300):
+            for path in ("loop.rkllm", "~nosuchuser-for-mcp-rkllm/m.rkllm", "n" * 300 + ".rkllm"):
                 await call(client, "rkllm_init", {"param": {"model_path": path}}, "INVALID_PARAMS")
             error = await call(client, "rkllm_run", {"handle": loaded["handle"], "rkllm_input": {"prompt_input": "x"},
                                                      "rkllm_infer_params": {"prompt_cache_params": {

@@ -779,12 +779,21 @@ class Engine:
     async def unload_model(self, p: UnloadParams, stream: Stream = NO_STREAM) -> UnloadResult:
         """Free one handle, or every handle of a model name, aborting their runs."""
         if p.handle is not None:
-            handles = [self.get(p.handle, "unload_model", stream.owner)]
-        else:
-            handles = self._loaded_named(p.model or "", stream.owner)
-        for h in handles:
-            await self._destroy(h, "unload_model")
-        return UnloadResult(unloaded=[h.id for h in handles])
+            one = self.get(p.handle, "unload_model", stream.owner)
+            await self._destroy(one, "unload_model")
+            return UnloadResult(unloaded=[one.id])
+        unloaded = []
+        for h in self._loaded_named(p.model or "", stream.owner):
+            if h.freed or h.id not in self.handles:
+                continue  # another client unloaded it meanwhile: gone all the same
+            try:
+                await self._destroy(h, "unload_model")
+            except RkllmError as exc:
+                if exc.code != "UNKNOWN_HANDLE":
+                    raise
+                continue
+            unloaded.append(h.id)
+        return UnloadResult(unloaded=unloaded)
 
     def _loaded_named(self, name: str, owner: str | None) -> list[Handle]:
         """The handles (that `owner` may see) of the loaded model called `name`: its exact name or file name,

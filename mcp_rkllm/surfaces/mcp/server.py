@@ -139,16 +139,17 @@ _C_LIMIT = 2**31
 
 
 def compact_schema(schema: Any) -> Any:
-    """A JSON Schema as tools/list advertises it: without generated titles, null defaults and C-type bounds,
-    `anyOf [T, null]` as T. The same values validate (the server checks the full schema); an agent reads
-    about half as many tokens."""
+    """A JSON Schema as tools/list advertises it: without generated titles, null defaults, C-type bounds,
+    `additionalProperties: false` and OpenAPI's `discriminator`, `anyOf [T, null]` as T. The server checks
+    the full schema (unknown fields are still refused, by name); an agent reads about half as many tokens."""
     if isinstance(schema, list):
         return [compact_schema(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: compact_schema(v) for k, v in schema.items()
            if not (k == "title" and isinstance(v, str)) and not (k == "default" and v is None)
-           and not (k in ("minimum", "maximum") and isinstance(v, int | float) and abs(v) >= _C_LIMIT)}
+           and not (k in ("minimum", "maximum") and isinstance(v, int | float) and abs(v) >= _C_LIMIT)
+           and not (k == "additionalProperties" and v is False) and k != "discriminator"}
     variants = out.get("anyOf")
     if isinstance(variants, list) and len(variants) == 2 and {"type": "null"} in variants:
         other = next(v for v in variants if v != {"type": "null"})
@@ -183,11 +184,15 @@ def tool_of(spec: OperationSpec) -> Tool:
                 annotations=annotations)
 
 
+_PART_MODELS = {"TextPart", "ImagePart", "ImageUrlPart", "ImageUrlRef"}
+
+
 def _c_structs_summarised(schema: dict[str, Any]) -> dict[str, Any]:
     """A friendly tool's schema with the RKLLM C structs it takes (an optional `param` override) shown as an
     object and a one-line description; the full structs are in the rkllm_* tools and rkllm://schemas/{tool}."""
     defs = schema.get("$defs", {})
-    structs = {name for name in defs if name.startswith("RKLLM")}
+    # The content-part shapes are spelled out in the `content` description; the C structs in the rkllm_* tools.
+    structs = {name for name in defs if name.startswith("RKLLM") or name in _PART_MODELS}
     if not structs:
         return schema
 
@@ -200,7 +205,8 @@ def _c_structs_summarised(schema: dict[str, Any]) -> dict[str, Any]:
         name = ref.removeprefix("#/$defs/")
         if name in structs:
             doc = (defs[name].get("description") or name).split("\n")[0]
-            return {"type": "object", "description": f"{name} fields: {doc} (spelled out in the rkllm_* tools)"}
+            where = "the content description" if name in _PART_MODELS else "the rkllm_* tools"
+            return {"type": "object", "description": f"{name}: {doc} (spelled out in {where})"}
         return {k: summarised(v) for k, v in node.items() if k != "$defs"}
 
     kept = {k: summarised(v) for k, v in defs.items() if k not in structs}
