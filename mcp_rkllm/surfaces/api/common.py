@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from mcp_rkllm.engine.relay import NO_STREAM
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.models.store import ModelInfo
 from mcp_rkllm.surfaces.api.streaming import ClientGone
+from mcp_rkllm.surfaces.jsonrpc.protocol import reject_constant
 from mcp_rkllm.surfaces.registry import Registry
 
 #: The tag every model is published under in Ollama's listings (and accepted, with or without it, everywhere).
@@ -86,7 +88,7 @@ class Api:
         if not data.strip():
             return {}
         try:
-            value = json.loads(data, parse_constant=_no_constant)
+            value = json.loads(data, parse_constant=reject_constant)
         except (ValueError, RecursionError) as exc:
             raise BadRequest(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
@@ -128,10 +130,6 @@ class Api:
         return loaded
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def plain_name(name: str) -> str:
     """`ns/name:latest` -> `name` (a path is left as it is)."""
     name = name.strip()
@@ -168,3 +166,27 @@ def sampling(source: dict[str, Any]) -> dict[str, Any]:
 def dumped(model: BaseModel) -> dict[str, Any]:
     """A result model as JSON data."""
     return model.model_dump(mode="json")
+
+
+#: A route handler of the HTTP APIs.
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(api: Api, handler: Handler, error_response: Callable[[RkllmError], Response],
+            bad_request: Callable[[BadRequest], Response]) -> Handler:
+    """`handler` behind the Host/Origin check, its failures answered in its API's shape: a table error by
+    `error_response`, an unusable request by `bad_request`, a client that left by nothing (499)."""
+    async def endpoint(request: Request) -> Response:
+        refused = await api.refused(request)
+        if refused is not None:
+            return refused
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return bad_request(exc)
+        except RkllmError as exc:
+            return error_response(exc)
+        except ClientGone:  # nobody is left to read an answer
+            return Response(status_code=499)
+
+    return endpoint

@@ -18,7 +18,6 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,9 +29,19 @@ from starlette.routing import Route
 from mcp_rkllm.engine import Progress, Stream
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.models.store import ModelInfo
-from mcp_rkllm.surfaces.api.common import Api, BadRequest, dumped, mtime, sampling, tagged, unsupported
+from mcp_rkllm.surfaces.api.common import (
+    Api,
+    BadRequest,
+    Handler,
+    dumped,
+    guarded,
+    mtime,
+    sampling,
+    tagged,
+    unsupported,
+)
 from mcp_rkllm.surfaces.api.errors import http_error
-from mcp_rkllm.surfaces.api.streaming import ClientGone, Emit, LiveStream, while_connected
+from mcp_rkllm.surfaces.api.streaming import Emit, LiveStream, while_connected
 
 #: The Ollama API level emulated (Open WebUI parses it as integers and gates features on it).
 OLLAMA_VERSION = "0.9.0"
@@ -99,6 +108,10 @@ def _images(images: Any, where: str) -> list[dict[str, Any]]:
     return [{"type": "image", "data": i} for i in images]
 
 
+def _bad_request(exc: BadRequest) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
 def _ollama_call(call: dict[str, Any], index: int) -> dict[str, Any]:
     """An OpenAI-shaped tool call as Ollama writes it: `arguments` an object, `index` its position."""
     fn = call["function"]
@@ -145,21 +158,8 @@ class OllamaRoutes:
                 Route("/api/embeddings", g(self.embeddings), methods=["POST"]),
                 Route("/api/pull", g(self.pull), methods=["POST"])]
 
-    def _guarded(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            refused = await self.api.refused(request)
-            if refused is not None:
-                return refused
-            try:
-                return await handler(request)
-            except BadRequest as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
-            except RkllmError as exc:
-                return error_response(exc)
-            except ClientGone:
-                return Response(status_code=499)
-
-        return endpoint
+    def _guarded(self, handler: Handler) -> Handler:
+        return guarded(self.api, handler, error_response, _bad_request)
 
     async def root(self, request: Request) -> Response:
         return PlainTextResponse("Ollama is running")

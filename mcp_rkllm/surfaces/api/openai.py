@@ -17,7 +17,6 @@ import json
 import secrets
 import struct
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -27,9 +26,9 @@ from starlette.routing import Route
 from mcp_rkllm import __version__
 from mcp_rkllm.engine import Progress, Stream
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.surfaces.api.common import Api, BadRequest, dumped, mtime, sampling, unsupported
+from mcp_rkllm.surfaces.api.common import Api, BadRequest, Handler, dumped, guarded, mtime, sampling, unsupported
 from mcp_rkllm.surfaces.api.errors import http_error, param_of
-from mcp_rkllm.surfaces.api.streaming import ClientGone, Emit, LiveStream, while_connected
+from mcp_rkllm.surfaces.api.streaming import Emit, LiveStream, while_connected
 
 FINGERPRINT = f"mcp-rkllm-{__version__}"
 
@@ -145,21 +144,8 @@ class OpenAiRoutes:
     def model_route(self) -> Route:
         return Route("/v1/models/{model_id:path}", self._guarded(self.get_model), methods=["GET"])
 
-    def _guarded(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            refused = await self.api.refused(request)
-            if refused is not None:
-                return refused
-            try:
-                return await handler(request)
-            except BadRequest as exc:
-                return bad_request(exc)
-            except RkllmError as exc:
-                return error_response(exc)
-            except ClientGone:  # nobody is left to read an answer
-                return Response(status_code=499)
-
-        return endpoint
+    def _guarded(self, handler: Handler) -> Handler:
+        return guarded(self.api, handler, error_response, bad_request)
 
     # ------------------------------------------------------------------ models
 

@@ -7,7 +7,6 @@ with what was not applied (`not_applied`), never silently dropped. Errors use th
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -16,9 +15,8 @@ from starlette.routing import Route
 
 from mcp_rkllm import __version__
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.surfaces.api.common import Api, BadRequest, dumped, unsupported
+from mcp_rkllm.surfaces.api.common import Api, Handler, dumped, guarded, unsupported
 from mcp_rkllm.surfaces.api.openai import bad_request, error_response
-from mcp_rkllm.surfaces.api.streaming import ClientGone
 
 
 class RockchipRoutes:
@@ -35,21 +33,8 @@ class RockchipRoutes:
                 Route("/v1/models/unload", g(self.unload), methods=["POST"]),
                 Route("/v1/health", g(self.health), methods=["GET"])]
 
-    def _guarded(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            refused = await self.api.refused(request)
-            if refused is not None:
-                return refused
-            try:
-                return await handler(request)
-            except BadRequest as exc:
-                return bad_request(exc)
-            except RkllmError as exc:
-                return error_response(exc)
-            except ClientGone:  # the client left before its request was whole
-                return Response(status_code=499)
-
-        return endpoint
+    def _guarded(self, handler: Handler) -> Handler:
+        return guarded(self.api, handler, error_response, bad_request)
 
     def _default(self) -> tuple[str | None, Any]:
         """The default handle and its model entry, if a model is loaded."""

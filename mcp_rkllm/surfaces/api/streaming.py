@@ -19,7 +19,7 @@ T = TypeVar("T")
 Emit = Callable[[bytes], Awaitable[None]]
 
 
-async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
+async def cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
     """Cancel `scope` when the client disconnects (call after the body has been read)."""
     while True:
         message = await receive()
@@ -45,7 +45,7 @@ async def while_connected(receive: Any, work: Callable[[], Awaitable[T]]) -> T:
     """`work()`'s result, or ClientGone after cancelling it when the client disconnects first."""
     outcome: list[T] = []
     async with _unwrapped(), anyio.create_task_group() as tg:
-        tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+        tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
         outcome.append(await work())
         tg.cancel_scope.cancel()
     if not outcome:
@@ -85,7 +85,7 @@ class LiveStream(Response):
                     await anyio.lowlevel.checkpoint()
                     raise
 
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
             try:
                 await self.produce(emit)
             except RkllmError as exc:

@@ -16,6 +16,7 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 
 from mcp_rkllm.config import Settings
+from mcp_rkllm.surfaces.api.streaming import ClientGone, cancel_on_disconnect, while_connected
 from mcp_rkllm.surfaces.jsonrpc.protocol import Dispatcher, Peer, RpcError, parse
 from mcp_rkllm.surfaces.jsonrpc.unix import encode
 
@@ -56,14 +57,9 @@ class JsonRpcEndpoint:
         if "text/event-stream" in request.headers.get("accept", ""):
             await self._events(message, receive, send)
             return
-        answer: Any = None
-        done = False
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-            answer = await self.dispatcher.handle(message, Peer(notify=None))
-            done = True
-            tg.cancel_scope.cancel()
-        if not done:  # the client disconnected: its runs were aborted, nobody reads an answer
+        try:
+            answer = await while_connected(receive, lambda: self.dispatcher.handle(message, Peer(notify=None)))
+        except ClientGone:  # the client disconnected: its runs were aborted, nobody reads an answer
             return
         if answer is None:
             await send({"type": "http.response.start", "status": 204, "headers": []})
@@ -86,22 +82,13 @@ class JsonRpcEndpoint:
                     await anyio.lowlevel.checkpoint()
                     raise
 
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
             answer = await self.dispatcher.handle(message, Peer(notify=event))
             if answer is not None:
                 await event(answer)
             tg.cancel_scope.cancel()
         with contextlib.suppress(OSError):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
-    """Cancel `scope` when the client disconnects (the body has been read: the next message is the end)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
 
 
 async def _reply(send: Any, status: int, payload: Any) -> None:

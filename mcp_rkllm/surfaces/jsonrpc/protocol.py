@@ -113,14 +113,15 @@ def _strings_fixed(value: Any) -> Any:
     return value
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # Python's parser accepts NaN and Infinity; JSON (and JavaScript) do not
+def reject_constant(name: str) -> Any:
+    """json.loads' parse_constant: Python's parser accepts NaN and Infinity; JSON (and JavaScript) do not."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse(line: bytes | str) -> Any:
     """One JSON text, or RpcError -32700 (invalid UTF-8 or JSON, or nested too deeply)."""
     try:
-        message = json.loads(line, parse_constant=_no_constant)
+        message = json.loads(line, parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise RpcError(PARSE_ERROR, f"Parse error: {exc}") from None
     except RecursionError:
