@@ -3,8 +3,12 @@
 Pure functions on bytes, no runtime: `decode` reads PNG, JPEG or WebP with Pillow into RGB, bounded in
 pixels before anything is decoded (a decompression bomb is LIMIT_EXCEEDED, a broken or truncated file
 INVALID_PARAMS); `to_square` pads it to a centred square of the family's grey (integer offsets
-`(size - w) // 2`, `(size - h) // 2`, as the demo's expand2square); `resize` scales the square bilinearly to
-the encoder's input size; `pixels` lays it out as uint8 HWC (NHWC) or CHW (NCHW). `prepare` does all four.
+`(size - w) // 2`, `(size - h) // 2`, as the demo's expand2square); `resize` scales the square to the encoder's
+input size with `cv2.resize(..., INTER_LINEAR)`, the demo's own call, so the resized square is OpenCV's byte
+for byte (no antialiasing when shrinking, OpenCV's 11-bit fixed-point weights and rounding, its clamped
+borders, an exact 2x shrink averaged as INTER_AREA); `pixels` lays it out as uint8 HWC (NHWC) or CHW (NCHW).
+`prepare` does all four and returns width x height x 3 bytes. Pillow decodes and pads; OpenCV
+(opencv-python-headless) only resizes and is imported by the first resize, not with this module.
 """
 
 from __future__ import annotations
@@ -99,10 +103,18 @@ def to_square(img: Image.Image, fill: int) -> Image.Image:
 
 
 def resize(img: Image.Image, width: int, height: int) -> Image.Image:
-    """`img` scaled to `width` x `height`, bilinear."""
+    """`img` (RGB) scaled to `width` x `height` as the demo's `cv::resize(..., INTER_LINEAR)` does: the same pixels.
+
+    Not Pillow's BILINEAR, which widens its filter when it shrinks (antialiasing) and rounds differently."""
     if img.size == (width, height):
         return img
-    return img.resize((width, height), Image.Resampling.BILINEAR)
+    import cv2  # here, not at the top: the server starts without it and pays its import on the first image
+    import numpy as np
+
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    src = np.frombuffer(rgb.tobytes(), dtype=np.uint8).reshape(rgb.height, rgb.width, 3)
+    out = cv2.resize(src, (width, height), interpolation=cv2.INTER_LINEAR)
+    return Image.frombytes("RGB", (width, height), out.tobytes())
 
 
 def pixels(img: Image.Image, layout: Layout) -> bytes:
