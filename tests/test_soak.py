@@ -41,7 +41,7 @@ from mcp import Client
 from mcp_rkllm.errors import ERRORS
 from tests.fake_rkllm.build import build_fake
 from tests.jsonrpc_client import RpcConn
-from tests.servers import events, free_port, start_http_server, stop
+from tests.servers import events, free_port, server_log, start_http_server, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -121,27 +121,37 @@ def figures(pid: int) -> Figures:
     return Figures(int(rss.group(1)), len(os.listdir(f"/proc/{pid}/fd")), int(threads.group(1)), children)
 
 
-class StderrDrain:
-    """Reads the server's stderr for the whole test (an unread pipe would block its log once full)."""
+class ServerLog:
+    """The server's stderr as read so far. `start_http_server` already reads the pipe (tests.servers.drain_log):
+    this reads its copy. (A second reader of the same pipe gets only some of the lines: the soak once missed about
+    half of the crashes and could have missed tracebacks that way.)"""
 
     def __init__(self, proc: subprocess.Popen[bytes]):
-        self.lines: list[str] = []
-        assert proc.stderr is not None
-        self.stream = proc.stderr
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
+        self.proc = proc
 
-    def _read(self) -> None:
-        for raw in self.stream:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip())
+    @property
+    def lines(self) -> list[str]:
+        return server_log(self.proc).splitlines()
 
-    def crashed_handles(self) -> set[str]:
+    def crashed_handles(self) -> list[str]:
+        """The handles whose worker the server saw die of SIGSEGV, once per log line (a worker dies once)."""
         found = (re.search(r"worker for (h-[\w-]+) killed by SIGSEGV", line) for line in self.lines)
-        return {m.group(1) for m in found if m}
+        return [m.group(1) for m in found if m]
 
     def tracebacks(self) -> list[str]:
         """Each traceback the server logged, with the line before it (what it was doing)."""
-        return ["\n".join(self.lines[max(i - 1, 0):i + 12]) for i, line in enumerate(self.lines) if "Traceback" in line]
+        lines = self.lines
+        return ["\n".join(lines[max(i - 1, 0):i + 12]) for i, line in enumerate(lines) if "Traceback" in line]
+
+
+def process_events(record_dir: Path) -> dict[int, Counter[str]]:
+    """What the fake recorded in each process (its `process_events` file): pid -> kinds counted."""
+    path = record_dir / "process_events"
+    by_pid: dict[int, Counter[str]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        pid, kind = line.split()
+        by_pid.setdefault(int(pid), Counter())[kind] += 1
+    return by_pid
 
 
 # ------------------------------------------------------------------------------------------ the soak's bookkeeping
@@ -617,7 +627,7 @@ async def test_soak_under_load(tmp_path: Path) -> None:
     proc = start_http_server("http", build_fake("1.3.0", version="1.3.0"), records, port,
                              MCP_RKLLM_SOCKET=str(sock), MCP_RKLLM_BUSY_TIMEOUT="30",
                              MCP_RKLLM_MAX_LOADED_MODELS="16")
-    drain = StderrDrain(proc)
+    stderr = ServerLog(proc)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -649,15 +659,22 @@ async def test_soak_under_load(tmp_path: Path) -> None:
                               and f.threads <= before.threads + THREAD_SLACK)
         remaining = await status(base)
         kinds = events(records)
-        crashed = drain.crashed_handles()
+        crashed = stderr.crashed_handles()
         print(f"\nsoak: {warmup_s:.0f} s of warm-up and {load_s:.0f} s of load (seed {SEED}), "
               f"{sum(soak.counts.values())} outcomes:")
         for key, n in sorted(soak.counts.items()):
             print(f"  {n:5d}  {key}")
         print(f"  fake: {kinds.count('init')} inits, {kinds.count('destroy')} destroys, {len(crashed)} workers "
               f"crashed, {kinds.count('run')} runs, {kinds.count('abort_while_running')} aborts of a running run")
-        tracebacks = drain.tracebacks()
-        print(f"  server log: {len(drain.lines)} lines, {len(tracebacks)} tracebacks")
+        # Every worker that loaded a model either ran rkllm_destroy or died of a requested crash, once, in the
+        # fake's own per-process record; the server saw each of those crashes.
+        workers = {pid: c for pid, c in process_events(records).items() if c["init"]}
+        unexplained = {pid: dict(c) for pid, c in workers.items()
+                       if c["init"] != 1 or c["destroy"] + c["segv"] != 1}
+        print(f"  workers: {len(workers)} loaded a model, {sum(c['destroy'] > 0 for c in workers.values())} ran "
+              f"rkllm_destroy, {sum(c['segv'] > 0 for c in workers.values())} crashed; unexplained: {unexplained}")
+        tracebacks = stderr.tracebacks()
+        print(f"  server log: {len(stderr.lines)} lines, {len(tracebacks)} tracebacks")
         print(f"  after warm-up: {before.line()}")
         print(f"  after load:    {during.line()} ({len(handles)} shared handles loaded)")
         print(f"  all unloaded:  {after.line()}")
@@ -673,12 +690,12 @@ async def test_soak_under_load(tmp_path: Path) -> None:
         assert after.fds <= before.fds + FD_SLACK, "file descriptors leaked"
         assert after.threads <= before.threads + THREAD_SLACK, "threads leaked"
         assert kinds.count("run_while_busy") == 0, "a run reached a handle that was still running another"
-        # Every worker ended (children == [] above) and every handle is gone; but under this load some workers are
-        # closed without their rkllm_destroy call (about 13% in the runs of 2026-11-30: 35 of 273, 40 of 262;
-        # cause not found yet, reported). What must hold: never more destroys or crashes than inits.
-        shortfall = kinds.count("init") - kinds.count("destroy") - len(crashed)
-        print(f"  workers closed without rkllm_destroy: {shortfall}")
-        assert shortfall >= 0, "more destroys and crashes than inits"
+        assert unexplained == {}, f"workers (pid: what the fake recorded) that loaded a model and neither freed it " \
+                                  f"with rkllm_destroy nor crashed, or did either twice: {unexplained}"
+        assert len(crashed) == len(set(crashed)) == kinds.count("segv"), \
+            f"the server logged {len(crashed)} crashes of workers, the fake crashed {kinds.count('segv')}"
+        assert kinds.count("init") == kinds.count("destroy") + len(crashed), "a loaded model was neither freed " \
+                                                                             "nor crashed"
         for what in ("mcp: session ended with its handle loaded", "socket: closed mid-run",
                      "socket: closed with its handle loaded", "mcp: cancelled a run", "cycler: unloaded",
                      "mcp crash: RUNTIME_CRASHED", "socket cancelled: CANCELLED", "mcp chat", "mcp generate",
@@ -689,4 +706,3 @@ async def test_soak_under_load(tmp_path: Path) -> None:
         stop(proc)
         with contextlib.suppress(OSError):
             sock.unlink()
-        drain.thread.join(5)

@@ -359,13 +359,25 @@ class WorkerModel:
         self.worker.call(m.ReleasePromptCache(), "rkllm_release_prompt_cache")
 
     def destroy(self) -> None:
-        """rkllm_destroy in the worker, then the worker exits (a stuck one is killed). Idempotent."""
+        """rkllm_destroy in the worker, then the worker exits (a stuck one is killed). Idempotent.
+
+        A worker that died has nothing left to free. One that does not answer, or whose rkllm_destroy fails or
+        does not return within the call timeout, is ended without it: that is logged, as the model was not freed
+        through the runtime."""
+        worker = self.worker
         try:
-            if self.worker.crash is None and self.worker.unresponsive_since is None:
-                with contextlib.suppress(RkllmError):
-                    self.worker.call(m.Destroy(), "rkllm_destroy")
+            if worker.crash is None and worker.unresponsive_since is not None:
+                log.warning("worker for %s (pid %d) does not answer: ending it without rkllm_destroy", worker.label,
+                            worker.pid)
+            elif worker.crash is None:
+                try:
+                    worker.call(m.Destroy(), "rkllm_destroy")
+                except RkllmError as exc:
+                    if exc.code != "RUNTIME_CRASHED":  # a worker that died meanwhile is logged as such
+                        log.warning("rkllm_destroy in the worker for %s (pid %d) failed (%s): ending it without it",
+                                    worker.label, worker.pid, exc.message)
         finally:
-            self.worker.close()
+            worker.close()
 
 
 class HistoryWorkerModel(WorkerModel):

@@ -25,7 +25,8 @@
  *
  * Test hooks: fake_last(kind) -> JSON of the last record, fake_count(kind), fake_reset(),
  * fake_sizeof(struct), fake_offsetof(struct, field); with $FAKE_RKLLM_RECORD_DIR set, the records
- * also go to files in that directory (for servers and workers in other processes).
+ * also go to files in that directory (for servers and workers in other processes). A requested
+ * crash records "segv" just before it raises SIGSEGV.
  */
 #include <pthread.h>
 #include <signal.h>
@@ -271,13 +272,18 @@ static void record(const char *kind, char *json) {
     if (json) { free(records[i].json); records[i].json = json; }
     records[i].count++;
     /* Tests of servers (or workers) in another process read the records from files:
-       <dir>/events gets one line per recorded kind, <dir>/<kind>.json the last record. */
+       <dir>/events gets one line per recorded kind, <dir>/process_events the same as "<pid> <kind>" (which
+       worker process did it), <dir>/<kind>.json the last record. Each line is written (fclose) before this
+       returns, so a process killed right after still leaves it. */
     const char *dir = getenv("FAKE_RKLLM_RECORD_DIR");
     if (dir) {
         char path[4096];
         snprintf(path, sizeof path, "%s/events", dir);
         FILE *f = fopen(path, "a");
         if (f) { fprintf(f, "%s\n", kind); fclose(f); }
+        snprintf(path, sizeof path, "%s/process_events", dir);
+        f = fopen(path, "a");
+        if (f) { fprintf(f, "%d %s\n", (int)getpid(), kind); fclose(f); }
         if (json) {
             char tmp[4096];
             snprintf(tmp, sizeof tmp, "%s/%s.json.%d", dir, kind, (int)getpid());
@@ -549,8 +555,10 @@ EXPORT int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback ca
     printf("I rkllm: %s, rknpu driver version: fake, platform: FAKE\n", BANNER);
     fflush(stdout);
     if (!handle || !param || !param->model_path) return -1;
-    if (trigger_in(param->model_path, "crash_init") > 0 || (getenv("FAKE_RKLLM_CRASH") && strstr(getenv("FAKE_RKLLM_CRASH"), "rkllm_init")))
+    if (trigger_in(param->model_path, "crash_init") > 0 || (getenv("FAKE_RKLLM_CRASH") && strstr(getenv("FAKE_RKLLM_CRASH"), "rkllm_init"))) {
+        count("segv");  /* recorded before the crash, so tests can tell a crashed process from a leaked handle */
         raise(SIGSEGV);
+    }
     if (trigger_in(param->model_path, "fail_init") > 0 || env_fails("rkllm_init")) {
         printf("E rkllm: fake init failure requested\n");
         fflush(stdout);
@@ -680,7 +688,7 @@ static void *generate(void *arg) {
             if (h->abort_requested) { aborted = true; break; }
             if (r->delay_ms > 0) sleep_ms(r->delay_ms);
             if (h->abort_requested) { aborted = true; break; }
-            if (r->crash_after >= 0 && generated >= r->crash_after) raise(SIGSEGV);
+            if (r->crash_after >= 0 && generated >= r->crash_after) { count("segv"); raise(SIGSEGV); }
             if (r->error_after >= 0 && generated >= r->error_after) { errored = true; break; }
             if (r->eos_after >= 0 && generated >= r->eos_after) break;
             memset(&res, 0, sizeof res);
