@@ -251,18 +251,19 @@ class RKLLMMultiModalInput(CStruct):
         """The same input in the 1.3.0 layout (flat image fields moved under `image`)."""
         if self.image_embed is None or self.n_image_tokens is None:
             return self
-        image = RKLLMImageInput(
+        # Built without validating again (this input was validated): the embeddings may be a float32 array.
+        image = RKLLMImageInput.model_construct(
             image_embed=self.image_embed, n_image_tokens=self.n_image_tokens, n_image=self.n_image or 1,
             image_width=self.image_width or 0, image_height=self.image_height or 0,
         )
-        return RKLLMMultiModalInput(prompt=self.prompt, image=image, video=self.video)
+        return RKLLMMultiModalInput.model_construct(prompt=self.prompt, image=image, video=self.video)
 
     def as_flat(self) -> RKLLMMultiModalInput:
         """The same input in the 1.2.x layout. The 1.3.0-only tags are dropped: check them first."""
         if self.image is None:
             return self
         i = self.image
-        return RKLLMMultiModalInput(
+        return RKLLMMultiModalInput.model_construct(
             prompt=self.prompt, video=self.video, image_embed=i.image_embed, n_image_tokens=i.n_image_tokens,
             n_image=i.n_image, image_width=i.image_width, image_height=i.image_height,
         )

@@ -349,3 +349,98 @@ async def test_openai_and_ollama_images(http: tuple[httpx.AsyncClient, Rig]) -> 
         {"role": "user", "content": "x", "images": [b64(png(img))]}]})
     assert bad.status_code == 400 and "NOT_SUPPORTED" in bad.json()["error"]
     assert rig.rknn.unreleased() == 0
+
+
+# ---------------------------------------------------------------------------------------------- isolation, ABIs
+
+
+def vision_model(root: Path, name: str, **overrides: Any) -> None:
+    """A second vision model in its own folder (a .rkllm and a single .rknn beside it pair automatically)."""
+    folder = root / name
+    folder.mkdir()
+    (folder / f"{name}.rkllm").write_bytes(b"fake model")
+    (folder / f"{name}.json").write_text(json.dumps({"family": "qwen2.5-vl", "max_new_tokens": 3}))
+    write_model(folder / "vision.rknn", "tiny", output_dims="4,4", **overrides)
+
+
+async def test_the_encoder_lives_in_the_models_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder is opened in the vision model's own worker process (not the server), and a librknnrt crash
+    while encoding ends that worker only: RUNTIME_CRASHED for its caller, the server and other models serve on."""
+    import os
+
+    rig = make_rig(tmp_path, monkeypatch, "1.3.0", output_dims="4,4")
+    vision_model(rig.root, "crashy", crash="rknn_run")
+    img = {"type": "image", "data": b64(png(picture(12, 9)))}
+
+    def chat(model: str) -> dict[str, Any]:
+        return {"model": model, "messages": [{"role": "user", "content": [img, {"type": "text", "text": "What?"}]}]}
+
+    server = build_server(rig.settings)
+    async with Client(server) as client:
+        r = await call(client, "chat", chat(MODEL))
+        worker = server.engine.handles[r["handle"]].model
+        pid = worker.pid  # type: ignore[attr-defined]
+        assert rig.rknn.last("rknn_init")["pid"] == pid != os.getpid()
+        loaded = await call(client, "load_model", {"model": "crashy"})
+        assert rig.rknn.last("rknn_init")["pid"] == server.engine.handles[loaded["handle"]].model.pid  # type: ignore[attr-defined]
+        error = await fail(client, "chat", chat("crashy"))
+        assert error["code"] == "RUNTIME_CRASHED" and "SIGSEGV" in error["message"], error
+        assert loaded["handle"] not in server.engine.handles
+        again = await call(client, "chat", chat(MODEL))  # the other vision model, its worker untouched
+        assert again["handle"] == r["handle"] and again["token_count"] == 3
+        assert server.engine.handles[r["handle"]].model.pid == pid  # type: ignore[attr-defined]
+        status = await call(client, "server_status", {})
+        assert status
+    assert rig.rknn.unreleased() == 0
+
+
+async def test_an_encoder_that_cannot_open_leaves_the_model_answering_text(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = make_rig(tmp_path, monkeypatch, "1.3.0", output_dims="4,4")
+    vision_model(rig.root, "brokenenc", fail="rknn_init")
+    async with Client(build_server(rig.settings)) as client:
+        text = await call(client, "chat", {"model": "brokenenc", "messages": [{"role": "user", "content": "hi"}]})
+        assert text["token_count"] == 3
+        error = await fail(client, "chat", {"model": "brokenenc", "messages": [{"role": "user", "content": [
+            {"type": "image", "data": b64(png(picture(8, 8)))}]}]})
+    assert error["code"] == "NOT_SUPPORTED" and "could not be opened" in error["message"]
+    assert "RKNN_" in error["message"]
+
+
+async def test_abi_1_2_0_takes_one_image_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RKLLM 1.2.0's RKLLMMultiModelInput is {prompt, image_embed, n_image_tokens}: one image goes through (tags in
+    RKLLMParam at init), two are NOT_SUPPORTED before any work, and the server serves on."""
+    rig = make_rig(tmp_path, monkeypatch, "1.2.0", output_dims="4,4")
+    img = picture(16, 10)
+    async with Client(build_server(rig.settings)) as client:
+        r = await call(client, "generate", {"model": MODEL, "prompt": "Describe.",
+                                            "images": [{"type": "image", "data": b64(png(img))}]})
+        assert r["token_count"] == 3
+        mm = rig.rkllm.last("run")["input"]["multimodal_input"]
+        init = rig.rkllm.last("init")
+        assert mm["prompt"].endswith("<image>Describe.") and mm["n_image_tokens"] == rig.tokens
+        assert mm["image_embed"] == floats32(rig.expected_rows(img))
+        assert "n_image" not in mm and "image_width" not in mm
+        assert (init["img_start"], init["img_end"], init["img_content"]) == (
+            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+        runs = rig.rkllm.count("run")
+        error = await fail(client, "generate", {"model": MODEL, "prompt": "Both?", "images": [
+            {"type": "image", "data": b64(png(img))}, {"type": "image", "data": b64(png(picture(5, 5)))}]})
+        assert error["code"] == "NOT_SUPPORTED" and "1.2.0" in error["message"] and "n_image" in error["message"]
+        assert rig.rkllm.count("run") == runs
+        assert (await call(client, "generate", {"model": MODEL, "prompt": "ok"}))["token_count"] == 3
+    assert rig.rknn.unreleased() == 0
+
+
+async def test_vision_without_worker_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--isolation none: the encoder runs in the server process beside the model, with the same results."""
+    rig = make_rig(tmp_path, monkeypatch, "1.3.0", output_dims="4,4")
+    settings = rig.settings.model_copy(update={"isolation": "none"})
+    img = picture(20, 14)
+    async with Client(build_server(settings)) as client:
+        await call(client, "generate", {"model": MODEL, "prompt": "x", "images": [{"type": "image",
+                                                                                   "data": b64(png(img))}]})
+        assert rig.rkllm.last("run")["input"]["multimodal_input"]["image"]["image_embed"] == floats32(
+            rig.expected_rows(img))
+        await call(client, "unload_model", {"model": MODEL})
+    assert rig.rknn.unreleased() == 0 and rig.rknn.count("rknn_destroy") == 1

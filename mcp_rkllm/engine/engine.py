@@ -88,7 +88,6 @@ from mcp_rkllm.engine.types import (
 )
 from mcp_rkllm.engine.vision import (
     IMAGE_TAG,
-    VisionEncoder,
     image_bytes,
     init_tags,
     multimodal_input,
@@ -99,7 +98,7 @@ from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import OutputLimit, RunCollector
 from mcp_rkllm.isolation.supervisor import WorkerLimits, WorkerModel, WorkerRuntime
 from mcp_rkllm.models import images
-from mcp_rkllm.models.families import Family, family_for
+from mcp_rkllm.models.families import Family, Vision, family_for
 from mcp_rkllm.models.paths import PathPolicy, default_cache_dir
 from mcp_rkllm.models.store import ChatTemplate, ModelInfo, ModelStore
 from mcp_rkllm.runtime import choose_runtime, open_in_process
@@ -107,11 +106,13 @@ from mcp_rkllm.runtime.base import (
     HistoryPriming,
     LoadedModel,
     Runtime,
+    Seeing,
     Tokenizing,
     effective_max_new_tokens,
     process_memory_mb,
     produces_text,
 )
+from mcp_rkllm.runtime.vision import EncoderShape
 from mcp_rkllm.structs import (
     RKLLMExtendParam,
     RKLLMInferMode,
@@ -366,7 +367,6 @@ class Engine:
 
     def _forget(self, h: Handle) -> None:
         self.handles.pop(h.id, None)
-        self.rknn.drop_encoder(h.id)  # a vision model's encoder goes with it
         h.slot.close()
         if self.default_handle == h.id:
             self.default_handle = None
@@ -480,7 +480,6 @@ class Engine:
         """Free the handle: new calls get UNKNOWN_HANDLE, waiting ones CANCELLED; abort its run, give
         it abort_timeout seconds to end, then rkllm_destroy (a stuck worker is killed)."""
         h.freed = True
-        encoder = self.rknn.encoders.pop(h.id, None)
         self._forget(h)
         deadline = anyio.current_time() + self.settings.abort_timeout
         while h.slot.held and (left := deadline - anyio.current_time()) > 0:
@@ -493,10 +492,7 @@ class Engine:
         if h.slot.held:
             log.warning("handle %s: its run did not end within %.0f s of rkllm_abort; destroying it anyway",
                         h.id, self.settings.abort_timeout)
-        try:
-            await self._call(h, function, h.model.destroy)
-        finally:
-            await self.rknn.close_encoder(encoder)
+        await self._call(h, function, h.model.destroy)  # a vision model's encoder first, in its worker
 
     async def _abort_model(self, h: Handle, function: str) -> None:
         try:
@@ -529,10 +525,11 @@ class Engine:
         return infer.model_copy(update={"prompt_cache_params": p.model_copy(update={"prompt_cache_path": path})})
 
     async def _relay(self, h: Handle, inp: RKLLMInput, infer: RKLLMInferParam, stream: Stream,
-                     function: str, output: OutputLimit | None = None) -> RunResult:
+                     function: str, output: OutputLimit | None = None, images: list[bytes] | None = None) -> RunResult:
         """One run on a handle whose slot the caller holds, streamed; RKLLM_RUN_ERROR is GENERATION_ERROR.
 
         Hidden states / logits are bounded by `output` (default: all rows, at most --max-output-floats).
+        With `images` (prepared pixels), the model's vision encoder fills the input's image_embed first.
         """
         infer = self._confine_cache(infer, function)
         self._check_prompt(inp, function)
@@ -544,8 +541,13 @@ class Engine:
             raise RkllmError("CANCELLED", function=function, detail=f": handle {h.id} was freed before the run began")
         h.running = True
         try:
-            result = await relay.run(lambda: model.run(inp, infer, collector), lambda: self._abort_model(h, function),
-                                     self.settings.abort_timeout)
+            if images:
+                assert isinstance(model, Seeing)
+                seeing = model
+                run = lambda: seeing.run_with_images(inp, images, infer, collector)  # noqa: E731
+            else:
+                run = lambda: model.run(inp, infer, collector)  # noqa: E731
+            result = await relay.run(run, lambda: self._abort_model(h, function), self.settings.abort_timeout)
         except RkllmError as exc:
             raise self._failed(h, exc, function) from None
         finally:
@@ -762,7 +764,7 @@ class Engine:
                              stream, min_domain=1 if encoder is not None else 0)
         h.family = info.family  # the sidecar's family, if it names one
         if encoder is not None:
-            await self.rknn.open_encoder(h.id, encoder, vision_of(info))
+            await self._open_encoder(h, encoder, vision_of(info))
         if self.default_handle not in self.handles:
             self.default_handle = h.id
         return h
@@ -862,12 +864,14 @@ class Engine:
         h = await self._target(p, "generate", stream)
         s = self.settings
         parts = [{**i.model_dump(), "where": f"images[{n}]"} for n, i in enumerate(p.images or [])]
-        encoder = self._encoder(h, "generate") if parts else None
+        if parts:
+            self._vision(h, "generate")
+        pixels: list[bytes] = []
         async with h.slot.hold(s.busy_timeout, "generate", s.max_queued_runs):
             h.conversation = []
-            if encoder is not None:  # one <image> per image, before the prompt (as the vendor demo writes it)
-                inp = await self._vision_input(h, encoder, IMAGE_TAG * len(parts) + p.prompt, parts, "user",
-                                               p.enable_thinking, "generate")
+            if parts:  # one <image> per image, before the prompt (as the vendor demo writes it)
+                inp, pixels = await self._vision_input(h, IMAGE_TAG * len(parts) + p.prompt, parts, "user",
+                                                       p.enable_thinking, "generate")
             else:
                 inp = RKLLMInput(prompt_input=p.prompt, enable_thinking=p.enable_thinking)
             await self._offer_tools(h, None, "generate")
@@ -875,7 +879,7 @@ class Engine:
             replies = reply_stream(stream, family)
             watch = self._stop_watch(h, p.stop, replies.stream, "generate")
             result = await self._relay(h, inp, p.infer(h.param, p.keep_history),
-                                       watch.stream if watch else replies.stream, "generate")
+                                       watch.stream if watch else replies.stream, "generate", images=pixels)
             result = await _stopped(result, watch)
             parsed = await replies.finish(result.text)
         return GenerateResult(**_understood(parsed, family), finish_reason=result.finish_reason,
@@ -897,7 +901,9 @@ class Engine:
                                  detail=f"messages[{i}]: only user messages may carry images")
             texts.append({**m, "content": text})
             pictures.append(found)
-        encoder = self._encoder(h, "chat") if any(pictures) else None
+        if any(pictures):
+            self._vision(h, "chat")
+        pixels: list[bytes] = []
         tools = [t.model_dump() for t in p.tools] if p.tools and p.tool_choice == "auto" else None
         family = with_tool_format(h.family, tools is not None)
         turns = render_history(family, texts)
@@ -920,14 +926,14 @@ class Engine:
                 prompt = _flatten(turns)
             # The images the run sends: the new message's when the cache holds the rest, else every message's.
             parts = pictures[-1] if reused else [q for found in pictures for q in found]
-            if encoder is not None and parts:
-                inp = await self._vision_input(h, encoder, prompt, parts, role, p.enable_thinking, "chat")
+            if parts:
+                inp, pixels = await self._vision_input(h, prompt, parts, role, p.enable_thinking, "chat")
             else:
                 inp = RKLLMInput(prompt_input=prompt, role=role, enable_thinking=p.enable_thinking)
             replies = reply_stream(stream, family)
             watch = self._stop_watch(h, p.stop, replies.stream, "chat")
             result = await self._relay(h, inp, p.infer(h.param, True), watch.stream if watch else replies.stream,
-                                       "chat")
+                                       "chat", images=pixels)
             result = await _stopped(result, watch)
             parsed = await replies.finish(result.text)
             understood = _understood(parsed, family)
@@ -947,15 +953,33 @@ class Engine:
                           token_count=result.token_count, perf=result.perf, handle=h.id, model=h.model_name,
                           reused_history=reused)
 
-    def _encoder(self, h: Handle, function: str) -> VisionEncoder:
-        """The vision encoder of the model on `h`; NOT_SUPPORTED saying what is missing when it has none."""
+    async def _open_encoder(self, h: Handle, path: str, vision: Vision | None) -> None:
+        """Open the vision encoder of the model just loaded on `h`, in its process. A failure is kept (and logged),
+        not raised: the model still answers text, and a request with images gets the reason."""
+        h.vision = vision
+        if not isinstance(h.model, Seeing):
+            return
+        try:
+            h.encoder = await self._call(h, "load_model", h.model.open_encoder, self.settings.rknn_library, path,
+                                         None)
+        except RkllmError as exc:
+            if exc.code == "RUNTIME_CRASHED":
+                raise
+            log.warning("handle %s: its vision encoder %s could not be opened: %s", h.id, path, exc.message)
+            h.encoder = exc
+            return
+        log.info("handle %s: vision encoder %s", h.id, h.encoder.describe())
+
+    def _vision(self, h: Handle, function: str) -> tuple[EncoderShape, Vision]:
+        """The vision encoder's shape and the image tags of the model on `h`; NOT_SUPPORTED saying what is missing
+        when it has none."""
         runtime = self.require_runtime(function)
-        name = h.model_name or Path(h.param.model_path or h.id).name
-        if runtime.name != "native":
-            raise RkllmError("NOT_SUPPORTED", function=function, what="images",
+        name = h.model_name or h.id
+        if not isinstance(h.model, Seeing):
+            raise RkllmError("NOT_SUPPORTED", function=function, what=f"images for {name}",
                              detail=f" on the {runtime.name} runtime: a vision model needs the NPU runtime (a .rkllm "
                                     "model with its .rknn vision encoder, run by librknnrt)")
-        encoder = self.rknn.encoders.get(h.id)
+        encoder = h.encoder
         if isinstance(encoder, RkllmError):
             raise RkllmError("NOT_SUPPORTED", function=function, what=f"images for {name}",
                              detail=f": its vision encoder could not be opened ({encoder.code}: {encoder.message})")
@@ -964,38 +988,39 @@ class Engine:
                              detail=": it is a text-only model, with no vision encoder (a vision model is loaded by "
                                     "name, with its .rknn named by `vision_encoder` in its sidecar or alone beside it "
                                     "in its own folder)")
-        if encoder.vision is None:
+        if h.vision is None:
             raise RkllmError("NOT_SUPPORTED", function=function, what=f"images for {name}",
                              detail=f": the image tags of its family ({h.family.name}) are not known; set `family` "
                                     "or image_start / image_end / image_content in its sidecar")
-        return encoder
+        return encoder, h.vision
 
-    async def _vision_input(self, h: Handle, encoder: VisionEncoder, prompt: str, parts: list[dict[str, Any]],
-                            role: str, enable_thinking: bool, function: str) -> RKLLMInput:
-        """RKLLM_INPUT_MULTIMODAL for `prompt` (with one <image> per part): each image read, decoded, prepared and
-        run through the encoder, in order."""
+    async def _vision_input(self, h: Handle, prompt: str, parts: list[dict[str, Any]], role: str,
+                            enable_thinking: bool, function: str) -> tuple[RKLLMInput, list[bytes]]:
+        """RKLLM_INPUT_MULTIMODAL for `prompt` (with one <image> per part), and each image read, decoded and
+        prepared for the encoder, in order (the model's worker encodes them as the run starts)."""
         s = self.settings
+        shape, vision = self._vision(h, function)
+        runtime = self.require_runtime(function)
         if prompt.count(IMAGE_TAG) != len(parts):
             raise RkllmError("INVALID_PARAMS", function=function,
                              detail=f"the text holds {IMAGE_TAG} itself ({prompt.count(IMAGE_TAG) - len(parts)} more "
                                     f"than the {len(parts)} image(s)): the runtime would take it for an image")
-        per_image = encoder.tokens * encoder.row
-        if per_image * len(parts) > s.max_floats:
+        if runtime.abi == "1.2.0" and len(parts) > 1:
+            raise RkllmError("NOT_SUPPORTED", function=function, what=f"{len(parts)} images in one run",
+                             detail=" on RKLLM 1.2.0 (its RKLLMMultiModelInput has no n_image; 1.2.1 added it): send "
+                                    "one image per request")
+        if shape.floats * len(parts) > s.max_floats:
             raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"the embeddings of {len(parts)} image(s)",
-                             value=per_image * len(parts), limit=s.max_floats)
-        assert encoder.vision is not None
-        fill = encoder.vision.fill
+                             value=shape.floats * len(parts), limit=s.max_floats)
 
-        def one(part: dict[str, Any]) -> Any:
+        def one(part: dict[str, Any]) -> bytes:
             where = part["where"]
             img = images.decode(image_bytes(part, where, function, s, self.paths), where, function,
                                 s.max_image_pixels)
-            pixels = images.prepare(img, encoder.width, encoder.height, encoder.layout, fill)
-            return encoder.encode(pixels, per_image * 4)
+            return images.prepare(img, shape.width, shape.height, shape.layout, vision.fill)
 
-        rows = [await anyio.to_thread.run_sync(one, part) for part in parts]
-        runtime = self.require_runtime(function)
-        return multimodal_input(prompt, rows, encoder, runtime.abi, role, enable_thinking)
+        pixels = [await anyio.to_thread.run_sync(one, part) for part in parts]
+        return multimodal_input(prompt, len(parts), shape, vision, runtime.abi, role, enable_thinking), pixels
 
     def _stop_watch(self, h: Handle, stop: list[str] | None, downstream: Stream, function: str) -> StopWatch | None:
         """A StopWatch that aborts the run on `h` at the first stop string, or None without stop strings."""

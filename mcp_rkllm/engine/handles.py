@@ -22,8 +22,9 @@ import anyio
 from mcp_rkllm.engine.relay import LoopSignal
 from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import AsyncRun
-from mcp_rkllm.models.families import DEFAULT, Family
+from mcp_rkllm.models.families import DEFAULT, Family, Vision
 from mcp_rkllm.runtime.base import LoadedModel
+from mcp_rkllm.runtime.vision import EncoderShape
 from mcp_rkllm.structs import RKLLMParam, RunResult
 
 
@@ -196,6 +197,10 @@ class Handle:
     """How this model's replies mark reasoning and tool calls (from its file name or sidecar)."""
     chat_tools: tuple[str, str] | None = None
     """The (system prompt, tools JSON) chat last gave the runtime, None when it gave none."""
+    encoder: EncoderShape | RkllmError | None = None
+    """A vision model's encoder (open in the model's process), or why it could not be opened; None: text only."""
+    vision: Vision | None = None
+    """A vision model's image tags and pad fill (its family's, overlaid with its sidecar's)."""
 
     def __post_init__(self) -> None:
         self.slot = Slot(self.id)

@@ -14,7 +14,6 @@ import base64
 import binascii
 import logging
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,9 +35,7 @@ from mcp_rkllm.engine.types import (
     RknnQueryResult,
     RknnRunParams,
 )
-from mcp_rkllm.engine.vision import VisionEncoder
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.models.families import Vision
 
 if TYPE_CHECKING:
     from mcp_rkllm.engine.engine import Engine
@@ -86,8 +83,6 @@ class RknnContexts:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.contexts: dict[str, RknnHandle] = {}
-        self.encoders: dict[str, VisionEncoder | RkllmError] = {}
-        """The vision encoder of each loaded vision model, by its handle (or why it could not be opened)."""
         self._library: RknnLibrary | None = None
         self._open_lock = anyio.Lock()
 
@@ -233,33 +228,3 @@ class RknnContexts:
         for h in list(self.contexts.values()):
             self.contexts.pop(h.id, None)
             await self._call(h, h.context.destroy)
-        for handle in list(self.encoders):
-            await self.close_encoder(self.encoders.pop(handle, None))
-
-    # ------------------------------------------------------------------ vision encoders of loaded models
-
-    async def open_encoder(self, handle: str, path: str, vision: Vision | None) -> None:
-        """Open the vision encoder of the model loaded as `handle`. A failure is kept (and logged), not raised: the
-        model still answers text, and a request with images gets the reason."""
-        try:
-            lib = await self.library("rknn_init")
-            encoder = await anyio.to_thread.run_sync(VisionEncoder.open, lib, path, vision)
-        except RkllmError as exc:
-            log.warning("handle %s: its vision encoder %s could not be opened: %s", handle, path, exc.message)
-            self.encoders[handle] = exc
-            return
-        log.info("handle %s: vision encoder %s", handle, encoder.describe())
-        self.encoders[handle] = encoder
-
-    @staticmethod
-    async def close_encoder(encoder: VisionEncoder | RkllmError | None) -> None:
-        """rknn_destroy of an encoder (after an encoding in progress)."""
-        if isinstance(encoder, VisionEncoder):
-            await anyio.to_thread.run_sync(encoder.close)
-
-    def drop_encoder(self, handle: str) -> None:
-        """Forget the encoder of a handle that is gone, destroying it on a thread of its own (for callers that
-        cannot wait: a handle whose worker crashed)."""
-        encoder = self.encoders.pop(handle, None)
-        if isinstance(encoder, VisionEncoder):
-            threading.Thread(target=encoder.close, name=f"close-encoder-{handle}", daemon=True).start()

@@ -2,29 +2,24 @@
 (reference rknn-api.md §3).
 
 A vision model is a `.rkllm` plus the `.rknn` encoder the store pairs with it (`ModelInfo.vision_encoder`). Its
-encoder context is opened when the model loads (after the language model, as the demo does) and destroyed with
-it; it runs in the server process, one image at a time, while the language model runs in its worker. Steps:
+encoder is opened when the model loads, after the language model and in the same process (the model's supervised
+worker: `runtime.vision`), and destroyed with it. This module is the engine's half, per request:
 
 1. The image's bytes: base64 (MCP's image content), a `data:` URI or a file inside the model roots (OpenAI's
    image_url), bounded by `--max-image-bytes` (`image_bytes`).
 2. Decode, RGB, pad to a centred square of the family's grey, resize bilinear to the encoder's input H x W,
-   uint8 in its input layout (`mcp_rkllm.models.images`, the input size and layout from RKNN_QUERY_INPUT_ATTR).
-3. `rknn_inputs_set` (UINT8), `rknn_run`, `rknn_outputs_get` (float32, every output, released at once); token
-   count and row width from RKNN_QUERY_OUTPUT_ATTR of output 0 (the first dim > 1 is the token count, the next the
-   width); several outputs interleaved per token (`VisionEncoder.encode`).
+   uint8 in its input layout (`mcp_rkllm.models.images`; size and layout from the encoder's `EncoderShape`).
+   This happens in the server, bounded by `--max-image-pixels`, so the worker only ever sees pixels.
+3. The worker runs the encoder on each image and fills image_embed (`runtime.vision.with_rows`).
 4. `rkllm_run` with RKLLM_INPUT_MULTIMODAL: `<image>` once per image in the prompt, n_image, n_image_tokens per
    image, image_width / image_height = the encoder's input size, every image's rows back to back, and the tags:
    per call on ABI 1.3.0, in RKLLMParam (img_start / img_end / img_content) at init on 1.2.x (`multimodal_input`,
-   `init_tags`).
+   `init_tags`). ABI 1.2.0 has no n_image, image_width or image_height: one image per run there.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-from array import array
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +32,7 @@ from mcp_rkllm.structs import RKLLMImageInput, RKLLMInput, RKLLMInputType, RKLLM
 if TYPE_CHECKING:
     from mcp_rkllm.config import Settings
     from mcp_rkllm.models.paths import PathPolicy
-    from mcp_rkllm.native.rknn import RknnContext, RknnLibrary
-
-log = logging.getLogger(__name__)
+    from mcp_rkllm.runtime.vision import EncoderShape
 
 #: The placeholder the runtime replaces with image_start + image_content x n_image_tokens + image_end.
 IMAGE_TAG = "<image>"
@@ -65,96 +58,6 @@ def init_tags(param: RKLLMParam, vision: Vision | None, abi: str) -> RKLLMParam:
         return param
     return param.model_copy(update={"img_start": vision.image_start, "img_end": vision.image_end,
                                     "img_content": vision.image_content})
-
-
-def _tokens_and_width(dims: Sequence[int]) -> tuple[int, int]:
-    """The demo's rule: the first dim > 1 (of the first four) is the token count, the next one the row width."""
-    for i, d in enumerate(dims[:4]):
-        if d > 1 and i + 1 < len(dims):
-            return d, dims[i + 1]
-    raise ValueError(f"cannot read tokens and width from the output dims {list(dims)}")
-
-
-class VisionEncoder:
-    """An opened `.rknn` vision encoder: its input size and layout, its token count and row width (read from the
-    model's tensor attributes, never assumed), and the tags of the model it belongs to."""
-
-    def __init__(self, context: RknnContext, path: str, vision: Vision | None):
-        self.context = context
-        self.path = path
-        self.vision = vision
-        self._lock = threading.Lock()
-        counts = context.query("RKNN_QUERY_IN_OUT_NUM")
-        self.n_outputs = int(counts["n_output"])
-        attr = context.query("RKNN_QUERY_INPUT_ATTR", 0)
-        dims = list(attr["dims"])
-        if len(dims) != 4:
-            raise ValueError(f"the encoder's input 0 has dims {dims}, not an image tensor [1,H,W,C] / [1,C,H,W]")
-        if attr["fmt"] == "RKNN_TENSOR_NCHW":
-            self.layout: images.Layout = "NCHW"
-            self.channels, self.height, self.width = dims[1], dims[2], dims[3]
-        else:
-            self.layout = "NHWC"
-            self.height, self.width, self.channels = dims[1], dims[2], dims[3]
-        if self.channels != 3:
-            raise ValueError(f"the encoder's input has {self.channels} channels, not 3 (RGB)")
-        outs = [context.query("RKNN_QUERY_OUTPUT_ATTR", i) for i in range(self.n_outputs)]
-        self.tokens, self.embed = _tokens_and_width(list(outs[0]["dims"]))
-        for o in outs:
-            if int(o["n_elems"]) != self.tokens * self.embed:
-                raise ValueError(f"output {o['index']} has {o['n_elems']} elements, output 0 {self.tokens}x"
-                                 f"{self.embed}: outputs of different shapes cannot be interleaved")
-        self.row = self.embed * self.n_outputs
-        """Floats per token after interleaving (the runtime's embedding width)."""
-
-    @classmethod
-    def open(cls, library: RknnLibrary, path: str, vision: Vision | None) -> VisionEncoder:
-        """rknn_init of the encoder and its attribute queries (the context is destroyed again if they fail)."""
-        context = library.init(path)
-        try:
-            return cls(context, path, vision)
-        except ValueError as exc:
-            context.destroy()
-            raise RkllmError("NOT_SUPPORTED", function="load_model",
-                             what=f"the vision encoder {os.path.basename(path)}", detail=f": {exc}") from None
-        except BaseException:
-            context.destroy()
-            raise
-
-    def describe(self) -> dict[str, Any]:
-        return {"encoder": self.path, "input": [self.height, self.width, self.channels], "layout": self.layout,
-                "n_outputs": self.n_outputs, "tokens": self.tokens, "width": self.row}
-
-    def encode(self, pixels: bytes, max_bytes: int) -> array[float]:
-        """One image's rows: `tokens` x `row` float32, several outputs interleaved per token."""
-        from mcp_rkllm.native.rknn import RknnInput
-
-        with self._lock:
-            fmt = f"RKNN_TENSOR_{self.layout}"
-            self.context.inputs_set([RknnInput(index=0, buf=pixels, type="RKNN_TENSOR_UINT8", fmt=fmt)])
-            self.context.run()
-            outputs = self.context.outputs_get(None, max_bytes=max_bytes)
-        parts = []
-        for out in outputs:
-            values = array("f")
-            values.frombytes(out.data[: len(out.data) // 4 * 4])
-            if len(values) != self.tokens * self.embed:
-                raise RkllmError("RKNN_CALL_FAILED", function="rknn_outputs_get", rc=0, rc_name="RKNN_SUCC",
-                                 meaning="", detail=f": output {out.index} has {len(values)} floats, expected "
-                                                    f"{self.tokens * self.embed}")
-            parts.append(values)
-        if len(parts) == 1:
-            return parts[0]
-        rows = array("f")
-        w = self.embed
-        for t in range(self.tokens):
-            for values in parts:
-                rows.extend(values[t * w:(t + 1) * w])
-        return rows
-
-    def close(self) -> None:
-        with self._lock:
-            self.context.destroy()
 
 
 # --------------------------------------------------------------------------- images in requests
@@ -206,18 +109,17 @@ def split_content(content: Any, where: str) -> tuple[str | None, list[dict[str, 
     return text, found
 
 
-def multimodal_input(prompt: str, rows: Sequence[array[float]], encoder: VisionEncoder, abi: str, role: str,
+def multimodal_input(prompt: str, n_images: int, shape: EncoderShape, vision: Vision, abi: str, role: str,
                      enable_thinking: bool) -> RKLLMInput:
-    """RKLLM_INPUT_MULTIMODAL for `prompt` (one `<image>` per image) and the images' rows, back to back."""
-    embed: list[float] = []
-    for r in rows:
-        embed.extend(r.tolist())
-    vision = encoder.vision
+    """RKLLM_INPUT_MULTIMODAL for `prompt` (one `<image>` per image), its image_embed left for the worker's encoder
+    to fill (`runtime.vision.with_rows`): the counts, sizes and (on 1.3.0) tags are all set here."""
     tags: dict[str, Any] = {}
-    if abi == "1.3.0" and vision is not None:
+    if abi == "1.3.0":
         tags = {"image_start": vision.image_start, "image_end": vision.image_end,
                 "image_content": vision.image_content}
-    image = RKLLMImageInput(image_embed=embed, n_image_tokens=encoder.tokens, n_image=len(rows),
-                            image_width=encoder.width, image_height=encoder.height, **tags)
+    # 1.2.0 has neither n_image nor the image size (a zero is "not passed"); the engine allows one image there.
+    width, height = (0, 0) if abi == "1.2.0" else (shape.width, shape.height)
+    image = RKLLMImageInput.model_construct(image_embed=[], n_image_tokens=shape.tokens, n_image=n_images,
+                                            image_width=width, image_height=height, **tags)
     return RKLLMInput(role=role, enable_thinking=enable_thinking, input_type=RKLLMInputType.RKLLM_INPUT_MULTIMODAL,
-                      multimodal_input=RKLLMMultiModalInput(prompt=prompt, image=image))
+                      multimodal_input=RKLLMMultiModalInput.model_construct(prompt=prompt, image=image))

@@ -23,7 +23,8 @@ from typing import Any
 from mcp_rkllm.events import Finish, Hidden, Logits, RunCollector, RunError, RunEvent, TokenBatch
 from mcp_rkllm.isolation import messages as m
 from mcp_rkllm.runtime import open_in_process
-from mcp_rkllm.runtime.base import HistoryPriming, LoadedModel, Runtime, Tokenizing
+from mcp_rkllm.runtime.base import HistoryPriming, LoadedModel, Runtime, Seeing, Tokenizing
+from mcp_rkllm.runtime.vision import EncoderShape
 from mcp_rkllm.structs import RunResult
 
 #: Under load, event batches go up at most this often (what arrives meanwhile joins the next batch).
@@ -94,7 +95,7 @@ class _Child:
         self.runtime: Runtime | None = None
         self.model: LoadedModel | None = None
         self.handlers: dict[type, Callable[[int, Any], Any]] = {
-            m.Open: self.open, m.Init: self.init, m.Run: self.run,
+            m.Open: self.open, m.Init: self.init, m.Run: self.run, m.OpenEncoder: self.open_encoder,
             m.Abort: lambda _, r: self.loaded.abort(),
             m.IsRunning: lambda _, r: self.loaded.is_running(),
             m.ClearKvCache: lambda _, r: self.loaded.clear_kv_cache(r.keep_system_prompt, r.start_pos, r.end_pos),
@@ -129,7 +130,12 @@ class _Child:
         assert self.runtime is not None, "Open comes first"
         self.model = model = self.runtime.init(r.param)
         return m.Loaded(model.max_new_tokens, model.n_batch, isinstance(model, HistoryPriming),
-                        isinstance(model, Tokenizing))
+                        isinstance(model, Tokenizing), isinstance(model, Seeing))
+
+    def open_encoder(self, call_id: int, r: m.OpenEncoder) -> EncoderShape:
+        model = self.loaded
+        assert isinstance(model, Seeing)
+        return model.open_encoder(r.library, r.path, r.core_mask)
 
     def prime_history(self, call_id: int, r: m.PrimeHistory) -> None:
         model = self.loaded
@@ -145,6 +151,13 @@ class _Child:
         model = self.loaded
         collector = RunCollector()
         forwarder = _Forwarder(self.send, call_id, collector)
+        if r.images:
+            assert isinstance(model, Seeing) and not r.asynchronous
+            try:
+                return _outcome(model.run_with_images(r.rkllm_input, list(r.images), r.rkllm_infer_params,
+                                                      collector))
+            finally:
+                forwarder.flush()
         if not r.asynchronous:
             try:
                 return _outcome(model.run(r.rkllm_input, r.rkllm_infer_params, collector))

@@ -46,11 +46,22 @@ class Init:
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """rkllm_run (reply when it ends) or rkllm_run_async (reply at once, AsyncDone at the end)."""
+    """rkllm_run (reply when it ends) or rkllm_run_async (reply at once, AsyncDone at the end). With `images`
+    (prepared pixels), the worker's vision encoder fills the multimodal input's image_embed first."""
 
     rkllm_input: RKLLMInput
     rkllm_infer_params: RKLLMInferParam
     asynchronous: bool = False
+    images: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OpenEncoder:
+    """rknn_init of the loaded model's vision encoder, in the same worker; the reply is its EncoderShape."""
+
+    library: str | None
+    path: str
+    core_mask: int | str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +140,9 @@ class Exit:
     pass
 
 
-Request = (Open | Init | Run | Abort | IsRunning | ClearKvCache | GetKvCacheSize | SetChatTemplate | SetFunctionTools
-           | SetCrossAttnParams | LoadLora | LoadPromptCache | ReleasePromptCache | PrimeHistory | Tokenize | Destroy
-           | Exit)
+Request = (Open | Init | OpenEncoder | Run | Abort | IsRunning | ClearKvCache | GetKvCacheSize | SetChatTemplate
+           | SetFunctionTools | SetCrossAttnParams | LoadLora | LoadPromptCache | ReleasePromptCache | PrimeHistory
+           | Tokenize | Destroy | Exit)
 
 #: Requests the worker answers on its reading thread, never queued behind a run.
 INLINE: tuple[type, ...] = (Abort, IsRunning, GetKvCacheSize)
@@ -158,6 +169,7 @@ class Loaded:
     n_batch: int
     history_priming: bool
     tokenizing: bool
+    seeing: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import AsyncRun, EventSink, RunCollector, collector_for
 from mcp_rkllm.isolation import messages as m
 from mcp_rkllm.runtime.base import effective_max_new_tokens
+from mcp_rkllm.runtime.vision import EncoderShape
 from mcp_rkllm.structs import (
     RKLLMCrossAttnParam,
     RKLLMInferParam,
@@ -390,6 +391,22 @@ class HistoryWorkerModel(WorkerModel):
         return list(self.worker.call(m.Tokenize(text), "embed"))
 
 
+class SeeingWorkerModel(WorkerModel):
+    """A worker model that hosts its vision encoder in the same worker (the NPU runtime): images are sent as
+    prepared pixels and encoded there, so their embeddings never cross the socket."""
+
+    def open_encoder(self, library: str | None, path: str, core_mask: int | str | None = None) -> EncoderShape:
+        shape: EncoderShape = self.worker.call(m.OpenEncoder(library, path, core_mask), "load_model",
+                                               self.worker.limits.load_timeout)
+        return shape
+
+    def run_with_images(self, rkllm_input: RKLLMInput, images: list[bytes], rkllm_infer_params: RKLLMInferParam,
+                        sink: EventSink) -> RunResult:
+        collector = collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params))
+        _, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, images=tuple(images)), None, collector)
+        return _with_outcome(collector, future.result())  # bounded like run(): by heartbeats and the socket
+
+
 class WorkerRuntime:
     """A Runtime whose models each live in their own supervised process."""
 
@@ -426,4 +443,6 @@ class WorkerRuntime:
             raise
         if loaded.history_priming and loaded.tokenizing:
             return HistoryWorkerModel(worker, loaded)
+        if loaded.seeing:
+            return SeeingWorkerModel(worker, loaded)
         return WorkerModel(worker, loaded)

@@ -13,6 +13,7 @@ import ctypes.util
 import mmap
 import re
 import struct
+from array import array
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -249,6 +250,10 @@ class Marshaller:
             if "\x00" in value:
                 raise RkllmError("INVALID_PARAMS", function="marshal", detail=f"{where} contains a NUL character")
             buf = self.ffi.new("char[]", value.encode("utf-8"))
+        elif item.cname == "float" and isinstance(value, array) and value.typecode == "f":
+            # Image embeddings from a vision encoder: float32 already, one copy (a list would be millions of floats).
+            buf = self.ffi.new("float[]", len(value))
+            self.ffi.memmove(buf, value, len(value) * 4)
         elif item.kind == "primitive":  # float* / int32_t* arrays
             buf = self.ffi.new(f"{item.cname}[]", list(value))
         elif item.kind == "struct":

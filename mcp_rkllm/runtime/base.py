@@ -3,14 +3,14 @@
 A `Runtime` mirrors `rkllm_createDefaultParam` and `rkllm_init`; `init` returns a `LoadedModel`
 whose methods mirror the other thirteen C functions on that handle. Runs report through an
 `EventSink` (see `events`); `run` also returns the whole `RunResult`. Capabilities beyond the C
-API are explicit protocols (`HistoryPriming`, `Tokenizing`) checked with isinstance, never by
+API are explicit protocols (`HistoryPriming`, `Tokenizing`, `Seeing`) checked with isinstance, never by
 probing attribute names. Nothing here knows about asyncio, cffi or any protocol.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from mcp_rkllm.events import AsyncRun, EventSink
 from mcp_rkllm.structs import (
@@ -22,6 +22,9 @@ from mcp_rkllm.structs import (
     RKLLMParam,
     RunResult,
 )
+
+if TYPE_CHECKING:
+    from mcp_rkllm.runtime.vision import EncoderShape
 
 
 class LoadedModel(Protocol):
@@ -100,6 +103,22 @@ class Tokenizing(Protocol):
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of raw `text`."""
+        ...
+
+
+@runtime_checkable
+class Seeing(Protocol):
+    """A model that can host its vision encoder (the NPU runtime with librknnrt): the encoder lives where the
+    model lives, and a run with images encodes them there, just before rkllm_run."""
+
+    def open_encoder(self, library: str | None, path: str, core_mask: int | str | None) -> EncoderShape:
+        """rknn_init of the `.rknn` encoder beside the model; its shape."""
+        ...
+
+    def run_with_images(self, rkllm_input: RKLLMInput, images: list[bytes], rkllm_infer_params: RKLLMInferParam,
+                        sink: EventSink) -> RunResult:
+        """rkllm_run of a multimodal input whose image_embed is filled with the encoder's rows of `images`
+        (uint8 pixels in the encoder's input layout, one after another)."""
         ...
 
 

@@ -16,6 +16,7 @@ from mcp_rkllm.errors import RkllmError
 from mcp_rkllm.events import AsyncRun, EventSink, RunCollector, collector_for
 from mcp_rkllm.native.rkllm import CHandle, RkllmLibrary, RunTarget
 from mcp_rkllm.runtime.base import effective_max_new_tokens, produces_text
+from mcp_rkllm.runtime.vision import EncoderShape, VisionEncoder, with_rows
 from mcp_rkllm.structs import (
     RKLLMCrossAttnParam,
     RKLLMInferParam,
@@ -73,6 +74,8 @@ class NativeModel:
         self._current: RunTarget | None = None
         self._async: AsyncRun | None = None
         self._destroyed = False
+        self.encoder: VisionEncoder | None = None
+        """The vision encoder of a vision model (opened after the model, destroyed before it, as the demo does)."""
 
     def _live(self, function: str) -> None:
         if self._destroyed:
@@ -101,6 +104,23 @@ class NativeModel:
         if rc != 0:
             raise RkllmError("RKLLM_CALL_FAILED", function="rkllm_run", rc=rc)
         return collector.result(aborted=target.aborted)
+
+    def open_encoder(self, library: str | None, path: str, core_mask: int | str | None = None) -> EncoderShape:
+        """rknn_init of this model's vision encoder, in this process (see `runtime.vision`)."""
+        self._live("load_model")
+        if self.encoder is not None:
+            raise RkllmError("INVALID_PARAMS", function="load_model", detail="the model's encoder is already open")
+        self.encoder = VisionEncoder.open(library, path, core_mask)
+        return self.encoder.shape
+
+    def run_with_images(self, rkllm_input: RKLLMInput, images: list[bytes], rkllm_infer_params: RKLLMInferParam,
+                        sink: EventSink) -> RunResult:
+        """Encode `images` with this model's encoder, then rkllm_run with their rows as image_embed."""
+        self._live("rkllm_run")
+        if self.encoder is None:
+            raise RkllmError("NOT_SUPPORTED", function="rkllm_run", what="images",
+                             detail=": this model has no vision encoder open")
+        return self.run(with_rows(rkllm_input, self.encoder.encode_all(images)), rkllm_infer_params, sink)
 
     def run_async(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> AsyncRun:
         """rkllm_run_async; the returned run ends at FINISH/ERROR (or when idle after an abort)."""
@@ -207,7 +227,8 @@ class NativeModel:
         self.lib.release_prompt_cache(self.handle)
 
     def destroy(self) -> None:
-        """Abort a running inference, then rkllm_destroy. Idempotent."""
+        """Abort a running inference, then rknn_destroy of its vision encoder (if any), then rkllm_destroy.
+        Idempotent."""
         if self._destroyed:
             return
         if self.is_running():
@@ -215,4 +236,9 @@ class NativeModel:
         if self._async is not None:
             self._async.wait(5.0)
         self._destroyed = True
-        self.lib.destroy(self.handle)
+        encoder, self.encoder = self.encoder, None
+        try:
+            if encoder is not None:
+                encoder.close()
+        finally:
+            self.lib.destroy(self.handle)

@@ -1131,6 +1131,7 @@ EXPORT int rknn_init(rknn_context *context, void *model, uint32_t size, uint32_t
     jbuf b = {0};
     jb_open(&b, NULL);
     jb_bool(&b, "context_ptr", context != NULL);
+    jb_int(&b, "pid", (int)getpid());  /* which process opened it (the vision model's worker) */
     jb_str(&b, "model", !model ? NULL : size == 0 ? "path" : "buffer");
     if (model && size == 0) jb_str(&b, "path", (const char *)model);
     jb_uint(&b, "size", size);
