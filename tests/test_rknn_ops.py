@@ -4,6 +4,7 @@ recomputed from the input pixels, buffers released, errors with their C names, c
 from __future__ import annotations
 
 import base64
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,10 @@ async def call(client: Client, tool: str, args: dict[str, Any]) -> Any:
     return r.structured_content
 
 
-async def test_every_rknn_operation_over_mcp(rknn: FakeRknnView, tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolation", ["auto", "none"])
+async def test_every_rknn_operation_over_mcp(rknn: FakeRknnView, tmp_path: Path, isolation: str) -> None:
     settings = Settings(rknn_library=str(rknn.path), runtime="cpu", models=(str(tmp_path),),
-                        cache_dir=str(tmp_path))
+                        cache_dir=str(tmp_path), isolation=isolation)
     profile = PROFILES["tiny"]
     h, w, c = profile.hwc
     image = pixels(h * w * c)
@@ -83,7 +85,35 @@ async def test_every_rknn_operation_over_mcp(rknn: FakeRknnView, tmp_path: Path)
         gone = await client.call_tool("rknn_query", {"context": "r-nope", "cmd": "RKNN_QUERY_IN_OUT_NUM"})
         assert gone.structured_content["error"]["code"] == "UNKNOWN_HANDLE"  # type: ignore[index]
         await call(client, "rknn_destroy", {"context": ctx})
-    assert rknn.unreleased() == 0 and rknn.live_contexts() == 0
+    assert rknn.unreleased() == 0
+    # every context made (in its worker process, not this one, unless --isolation none) was destroyed
+    assert (rknn.last("rknn_init")["pid"] == os.getpid()) == (isolation == "none")
+    assert rknn.count("rknn_init") + rknn.count("rknn_dup_context") == rknn.count("rknn_destroy") == 2
+
+
+async def test_a_crashing_rknn_context_ends_its_worker_only(rknn: FakeRknnView, tmp_path: Path) -> None:
+    """librknnrt raising SIGSEGV in rknn_run: RUNTIME_CRASHED for that context and the dups sharing its worker,
+    which are forgotten; another context, in its own worker, and the server carry on."""
+    write_model(tmp_path / "crashy.rknn", "tiny", crash="rknn_run")
+    settings = Settings(rknn_library=str(rknn.path), runtime="cpu", models=(str(tmp_path),),
+                        cache_dir=str(tmp_path))
+    h, w, c = PROFILES["tiny"].hwc
+    data = [{"data": base64.b64encode(pixels(h * w * c)).decode()}]
+    async with Client(build_server(settings)) as client:
+        good = (await call(client, "rknn_init", {"model_path": "enc.rknn"}))["context"]
+        bad = (await call(client, "rknn_init", {"model_path": "crashy.rknn"}))["context"]
+        dup = (await call(client, "rknn_dup_context", {"context": bad}))["context"]
+        crashed = await client.call_tool("rknn_run", {"context": bad, "input_data": data})
+        error = crashed.structured_content["error"]  # type: ignore[index]
+        assert crashed.is_error and error["code"] == "RUNTIME_CRASHED" and "SIGSEGV" in error["message"], error
+        for gone in (bad, dup):
+            later = await client.call_tool("rknn_query", {"context": gone, "cmd": "RKNN_QUERY_IN_OUT_NUM"})
+            assert later.structured_content["error"]["code"] == "UNKNOWN_HANDLE"  # type: ignore[index]
+        out = await call(client, "rknn_run", {"context": good, "input_data": data, "encoding": "array"})
+        assert len(out["outputs"][0]["values"]) == PROFILES["tiny"].tokens * PROFILES["tiny"].width
+        assert (await call(client, "server_status", {}))["pid"] == os.getpid()
+        await call(client, "rknn_destroy", {"context": good})
+    assert rknn.unreleased() == 0
 
 
 @pytest.mark.slow
@@ -114,3 +144,28 @@ def test_rknn_methods_over_the_jsonrpc_socket(rknn: FakeRknnView, tmp_path: Path
         assert rknn.unreleased() == 0
     finally:
         stop(proc)
+
+
+async def test_idle_rknn_contexts_go_after_keep_alive(rknn: FakeRknnView, tmp_path: Path) -> None:
+    """A context no call names for keep_alive seconds is destroyed (its worker ends); one in use stays."""
+    import anyio
+
+    from mcp_rkllm.engine import Engine
+    from mcp_rkllm.engine.relay import Stream
+    from mcp_rkllm.engine.types import RknnContextParams, RknnInitParams, RknnQueryParams
+
+    e = Engine(Settings(rknn_library=str(rknn.path), runtime="cpu", models=(str(tmp_path),), cache_dir=str(tmp_path),
+                        keep_alive=0.4))
+    await e.open()
+    try:
+        idle = (await e.rknn.init(RknnInitParams(model_path="enc.rknn"), Stream())).context
+        used = (await e.rknn.init(RknnInitParams(model_path="enc.rknn"), Stream())).context
+        with anyio.fail_after(10):
+            while idle in e.rknn.contexts:
+                await e.rknn.query(RknnQueryParams(context=used, cmd="RKNN_QUERY_IN_OUT_NUM"), Stream())
+                await anyio.sleep(0.1)
+        assert used in e.rknn.contexts and rknn.count("rknn_destroy") == 1
+        await e.rknn.destroy(RknnContextParams(context=used), Stream())
+    finally:
+        await e.close()
+    assert rknn.count("rknn_destroy") == 2 and rknn.unreleased() == 0

@@ -330,7 +330,8 @@ class Engine:
         return [h.id for h in mine]
 
     async def _reap_idle(self) -> None:
-        """Unload handles that no call has named for keep_alive seconds (and that are not running)."""
+        """Unload handles (and destroy RKNN contexts) that no call has named for keep_alive seconds (and that are
+        not in use)."""
         keep = self.settings.keep_alive
         while True:
             await anyio.sleep(min(max(keep / 4, 0.05), 30.0))
@@ -343,6 +344,7 @@ class Engine:
                         await self._destroy(h, "keep_alive")
                     except RkllmError as exc:
                         log.warning("unloading idle handle %s: %s", h.id, exc.message)
+            await self.rknn.reap_idle(keep)
 
     def default_handle_id(self, function: str, owner: str | None = None) -> str:
         """The handle a call that names none means: the default one, else the first loaded (of those `owner` may

@@ -4,8 +4,10 @@ A context is an opaque id like an RKLLM handle, owned the same way (a session's 
 shared without a session). The library is opened on first use (`--rknn-library` / RKNN_LIB_PATH, then the
 usual places); model paths are confined to the model roots; every output buffer the runtime hands out is
 released (the binding copies and releases in one call); outputs are bounded by `--max-output-floats`.
-Calls on one context run one at a time, each on a worker thread of the server process: unlike RKLLM models,
-RKNN contexts are not yet isolated in worker processes.
+Each rknn_init gets its own supervised worker process (`isolation.supervisor.RknnWorker`), shared by the
+contexts rknn_dup_context makes from it; a librknnrt crash there is RUNTIME_CRASHED for those contexts only
+(they are forgotten), and the server lives on. With `--isolation none` contexts live in the server process.
+Calls on one context run one at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from mcp_rkllm.engine.types import (
     RknnRunParams,
 )
 from mcp_rkllm.errors import RkllmError
+from mcp_rkllm.isolation.supervisor import RemoteRknnContext, RknnWorker, WorkerLimits
 
 if TYPE_CHECKING:
     from mcp_rkllm.engine.engine import Engine
@@ -49,7 +53,7 @@ class RknnHandle:
     """One RKNN context and who may use it."""
 
     id: str
-    context: RknnContext
+    context: RknnContext | RemoteRknnContext
     model_path: str
     owner: str | None
     limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
@@ -84,6 +88,8 @@ class RknnContexts:
         self.engine = engine
         self.contexts: dict[str, RknnHandle] = {}
         self._library: RknnLibrary | None = None
+        self._opening = 0
+        """rknn_init calls in progress (counted against max_loaded_models)."""
         self._open_lock = anyio.Lock()
 
     async def library(self, function: str) -> RknnLibrary:
@@ -104,30 +110,70 @@ class RknnContexts:
         return h
 
     async def _call(self, h: RknnHandle, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=h.limiter)
+        try:
+            return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=h.limiter)
+        except RkllmError as exc:
+            if exc.code != "RUNTIME_CRASHED" or not isinstance(h.context, RemoteRknnContext):
+                raise
+            # Its worker died: every context that lived there is gone (a dup shares its rknn_init's worker).
+            host = h.context.host
+            gone = [k for k, c in self.contexts.items()
+                    if isinstance(c.context, RemoteRknnContext) and c.context.host is host]
+            for k in gone:
+                self.contexts.pop(k, None)
+            log.error("RKNN context%s %s: the worker (pid %s) died: %s", "s" * (len(gone) > 1), ", ".join(gone),
+                      host.worker.pid, exc.fields.get("detail"))
+            raise RkllmError("RUNTIME_CRASHED", function=exc.function, **{**exc.fields, "handle": h.id}) from None
 
-    def _add(self, context: RknnContext, model_path: str, owner: str | None) -> RknnHandle:
+    def _isolated(self) -> bool:
+        return self.engine.settings.isolation != "none"
+
+    def _open(self, path: str, flag: Any) -> RknnContext | RemoteRknnContext:
+        """rknn_init: in a new worker process (the default), or in this one with --isolation none."""
+        s = self.engine.settings
+        if self._isolated():
+            host = RknnWorker(WorkerLimits(s.worker_timeout, s.load_timeout), f"(rknn {os.path.basename(path)})")
+            return host.init(s.rknn_library, path, flag)
+        assert self._library is not None
+        return self._library.init(path, flag)
+
+    def _add(self, context: RknnContext | RemoteRknnContext, model_path: str, owner: str | None) -> RknnHandle:
         h = RknnHandle(f"r-{secrets.token_hex(8)}", context, model_path, owner)
         self.contexts[h.id] = h
+        if isinstance(context, RemoteRknnContext):
+            context.host.worker.label = h.id if len(context.host.live) == 1 else context.host.worker.label
         return h
 
     async def init(self, p: RknnInitParams, stream: Stream = NO_STREAM) -> RknnInitResult:
         """rknn_init of a `.rknn` file inside the model roots."""
-        lib = await self.library("rknn_init")
+        if self._isolated():
+            from mcp_rkllm.native.rknn import find_rknn_library
+
+            find_rknn_library(self.engine.settings.rknn_library)  # no worker started to hear it is missing
+        else:
+            await self.library("rknn_init")
         path = self.engine.paths.model_file(p.model_path, "rknn_init")
-        if len(self.contexts) >= self.engine.settings.max_loaded_models:
+        limit = self.engine.settings.max_loaded_models
+        if len(self.contexts) + self._opening >= limit:  # inits in progress count: each starts a process
             raise RkllmError("LIMIT_EXCEEDED", function="rknn_init", what="the number of RKNN contexts",
-                             value=len(self.contexts) + 1, limit=self.engine.settings.max_loaded_models)
-        ctx = await anyio.to_thread.run_sync(lambda: lib.init(path, p.flag))
+                             value=len(self.contexts) + self._opening + 1, limit=limit)
+        self._opening += 1
+        try:
+            with anyio.CancelScope(shield=True):  # a caller who leaves now finds it registered, so it gets freed
+                ctx = await anyio.to_thread.run_sync(lambda: self._open(path, p.flag))
+                h = self._add(ctx, path, stream.owner)
+        finally:
+            self._opening -= 1
         try:
             if p.core_mask is not None:
-                await anyio.to_thread.run_sync(ctx.set_core_mask, p.core_mask)
-            counts = await anyio.to_thread.run_sync(ctx.query, "RKNN_QUERY_IN_OUT_NUM")
-            sdk = await anyio.to_thread.run_sync(ctx.sdk_version)
+                await self._call(h, ctx.set_core_mask, p.core_mask)
+            counts = await self._call(h, ctx.query, "RKNN_QUERY_IN_OUT_NUM")
+            sdk = await self._call(h, ctx.sdk_version)
         except BaseException:
-            await anyio.to_thread.run_sync(ctx.destroy)
+            if self.contexts.pop(h.id, None) is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(ctx.destroy)
             raise
-        h = self._add(ctx, path, stream.owner)
         return RknnInitResult(context=h.id, n_input=counts["n_input"], n_output=counts["n_output"], sdk=sdk)
 
     async def query(self, p: RknnQueryParams, stream: Stream = NO_STREAM) -> RknnQueryResult:
@@ -222,6 +268,19 @@ class RknnContexts:
         for h in [h for h in self.contexts.values() if h.owner == owner]:
             self.contexts.pop(h.id, None)
             await self._call(h, h.context.destroy)
+
+    async def reap_idle(self, keep: float) -> None:
+        """rknn_destroy of contexts no call has named for `keep` seconds (and that no call is using)."""
+        now = time.monotonic()
+        for h in list(self.contexts.values()):
+            if now - h.last_used > keep and h.limiter.borrowed_tokens == 0 and self.contexts.get(h.id) is h:
+                log.info("destroying RKNN context %s (%s): idle for %.0f s (keep_alive)", h.id, h.model_path,
+                         now - h.last_used)
+                self.contexts.pop(h.id, None)
+                try:
+                    await self._call(h, h.context.destroy)
+                except RkllmError as exc:
+                    log.warning("destroying idle RKNN context %s: %s", h.id, exc.message)
 
     async def close(self) -> None:
         """Free every context (the server stops)."""

@@ -94,8 +94,11 @@ class _Child:
         self.send = send
         self.runtime: Runtime | None = None
         self.model: LoadedModel | None = None
+        self.contexts: dict[int, Any] = {}
+        """RKNN contexts of an RKNN worker, by id (an rknn_init and its dups share a worker)."""
         self.handlers: dict[type, Callable[[int, Any], Any]] = {
             m.Open: self.open, m.Init: self.init, m.Run: self.run, m.OpenEncoder: self.open_encoder,
+            m.RknnInit: self.rknn_init, m.RknnCall: self.rknn_call,
             m.Abort: lambda _, r: self.loaded.abort(),
             m.IsRunning: lambda _, r: self.loaded.is_running(),
             m.ClearKvCache: lambda _, r: self.loaded.clear_kv_cache(r.keep_system_prompt, r.start_pos, r.end_pos),
@@ -136,6 +139,27 @@ class _Child:
         model = self.loaded
         assert isinstance(model, Seeing)
         return model.open_encoder(r.library, r.path, r.core_mask)
+
+    def rknn_init(self, call_id: int, r: m.RknnInit) -> int:
+        from mcp_rkllm.native.rknn import RknnLibrary
+
+        context = RknnLibrary.open(r.library).init(r.path, r.flag)
+        self.contexts[call_id] = context
+        return call_id
+
+    def rknn_call(self, call_id: int, r: m.RknnCall) -> Any:
+        context = self.contexts.get(r.context)
+        if context is None or r.method not in m.RKNN_METHODS:
+            from mcp_rkllm.errors import RkllmError
+
+            raise RkllmError("UNKNOWN_HANDLE", function=f"rknn_{r.method}", handle=f"(context {r.context})")
+        value = getattr(context, r.method)(*r.args, **(r.kwargs or {}))
+        if r.method == "dup_context":
+            self.contexts[call_id] = value
+            return call_id
+        if r.method == "destroy":
+            del self.contexts[r.context]
+        return value
 
     def prime_history(self, call_id: int, r: m.PrimeHistory) -> None:
         model = self.loaded

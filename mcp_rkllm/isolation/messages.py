@@ -65,6 +65,31 @@ class OpenEncoder:
 
 
 @dataclass(frozen=True, slots=True)
+class RknnInit:
+    """rknn_init of a `.rknn` model in this worker (librknnrt opened on first use); the reply is its context id
+    in the worker."""
+
+    library: str | None
+    path: str
+    flag: int | str | list[int | str]
+
+
+@dataclass(frozen=True, slots=True)
+class RknnCall:
+    """One method of a worker's RKNN context (`RKNN_METHODS`); dup_context replies with the new context's id."""
+
+    context: int
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+
+
+#: The RknnContext methods a server may call in a worker.
+RKNN_METHODS = frozenset({"query", "sdk_version", "inputs_set", "run", "outputs_get", "outputs_release",
+                          "set_core_mask", "dup_context", "destroy"})
+
+
+@dataclass(frozen=True, slots=True)
 class Abort:
     pass
 
@@ -140,9 +165,9 @@ class Exit:
     pass
 
 
-Request = (Open | Init | OpenEncoder | Run | Abort | IsRunning | ClearKvCache | GetKvCacheSize | SetChatTemplate
-           | SetFunctionTools | SetCrossAttnParams | LoadLora | LoadPromptCache | ReleasePromptCache | PrimeHistory
-           | Tokenize | Destroy | Exit)
+Request = (Open | Init | OpenEncoder | Run | RknnInit | RknnCall | Abort | IsRunning | ClearKvCache | GetKvCacheSize
+           | SetChatTemplate | SetFunctionTools | SetCrossAttnParams | LoadLora | LoadPromptCache | ReleasePromptCache
+           | PrimeHistory | Tokenize | Destroy | Exit)
 
 #: Requests the worker answers on its reading thread, never queued behind a run.
 INLINE: tuple[type, ...] = (Abort, IsRunning, GetKvCacheSize)

@@ -446,3 +446,77 @@ class WorkerRuntime:
         if loaded.seeing:
             return SeeingWorkerModel(worker, loaded)
         return WorkerModel(worker, loaded)
+
+
+class RknnWorker:
+    """A worker process hosting RKNN contexts: one rknn_init and the contexts dup_context makes from it (they share
+    its weights, so they share its process). A librknnrt crash ends this worker only: its contexts then fail with
+    RUNTIME_CRASHED, the server lives on."""
+
+    def __init__(self, limits: WorkerLimits, label: str):
+        self.worker = Worker(limits, label)
+        self.live: set[int] = set()
+
+    def init(self, library: str | None, path: str, flag: int | str | list[int | str]) -> RemoteRknnContext:
+        """rknn_init in the worker (opening librknnrt there); the worker is closed again if it fails."""
+        try:
+            ctx: int = self.worker.call(m.RknnInit(library, path, flag), "rknn_init", self.worker.limits.load_timeout)
+        except BaseException:
+            self.worker.close()
+            raise
+        return RemoteRknnContext(self, ctx)
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+class RemoteRknnContext:
+    """An RknnContext living in an `RknnWorker`: the same methods, each one bounded call (rknn_run and
+    rknn_init by load_timeout, the rest by the call timeout). Destroying the last context ends the worker."""
+
+    def __init__(self, host: RknnWorker, context: int):
+        self.host = host
+        self.context = context
+        host.live.add(context)
+
+    @property
+    def pid(self) -> int:
+        return self.host.worker.pid
+
+    def _call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        return self.host.worker.call(m.RknnCall(self.context, method, args, kwargs or None), f"rknn_{method}",
+                                     timeout)
+
+    def query(self, cmd: int | str, index: int = 0) -> dict[str, Any]:
+        return dict(self._call("query", cmd, index))
+
+    def sdk_version(self) -> dict[str, str]:
+        return dict(self._call("sdk_version"))
+
+    def inputs_set(self, inputs: Any) -> None:
+        self._call("inputs_set", list(inputs))
+
+    def run(self) -> None:
+        self._call("run", timeout=self.host.worker.limits.load_timeout)
+
+    def outputs_get(self, outputs: Any = None, *, max_bytes: int | None = None) -> Any:
+        return self._call("outputs_get", outputs, max_bytes=max_bytes)
+
+    def outputs_release(self) -> int:
+        return int(self._call("outputs_release"))
+
+    def set_core_mask(self, core_mask: int | str) -> None:
+        self._call("set_core_mask", core_mask)
+
+    def dup_context(self) -> RemoteRknnContext:
+        return RemoteRknnContext(self.host, int(self._call("dup_context")))
+
+    def destroy(self) -> None:
+        """rknn_destroy in the worker (nothing to do once it crashed); the worker exits with its last context."""
+        try:
+            if self.host.worker.crash is None and self.context in self.host.live:
+                self._call("destroy")
+        finally:
+            self.host.live.discard(self.context)
+            if not self.host.live:
+                self.host.close()
