@@ -175,3 +175,39 @@ def test_workers_die_with_a_sigkilled_server(fake_path: Path, model_file: Path, 
               for p in pids):
         assert time.monotonic() < deadline, "a worker outlived the SIGKILLed server by 2 s"
         time.sleep(0.05)
+
+
+def test_ctrl_c_shuts_workers_down_in_order(fake_path: Path, model_file: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, workers included: they ignore it and the
+    server shuts them down itself, so every model still gets its rkllm_destroy and no worker dies of SIGINT."""
+    from tests.jsonrpc_client import RpcConn
+    from tests.servers import REPO, drain_log, events, server_env, server_log
+
+    records = tmp_path / "records"
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "mcp_rkllm", "--transport", "jsonrpc", "--socket", str(sock)],
+                            env=server_env(fake_path, records, tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=REPO, start_new_session=True)  # a terminal's process group
+    drain_log(proc)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, server_log(proc)
+            time.sleep(0.05)
+        time.sleep(0.2)
+        with RpcConn(sock) as c:
+            for name in ("one", "two"):  # shared handles (loaded by name): they outlive the connection
+                (tmp_path / f"{name}.rkllm").write_bytes(model_file.read_bytes())
+                c.result("load_model", {"model": name})
+            pids = [e["pid"] for e in c.result("loaded_models")["loaded"]]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    kinds = events(records)
+    assert kinds.count("init") == 2 and kinds.count("destroy") == 2, kinds
+    assert "SIGINT" not in server_log(proc).replace("SIGINT: stopping", ""), server_log(proc)[-2000:]
+    assert not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+                   for p in pids)

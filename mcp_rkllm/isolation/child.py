@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import signal
 import sys
 import threading
 import time
@@ -211,6 +212,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--heartbeat", type=float, required=True, help="seconds between heartbeats")
     args = p.parse_args(argv)
+    # Ctrl-C in a terminal signals the whole process group: the server shuts its workers down in order
+    # (abort, rkllm_destroy, exit); a worker dying of SIGINT first would skip rkllm_destroy.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.dup2(2, 1)  # the native library's printf goes to stderr, never into the socket
     sys.stdout = sys.stderr
     conn = Connection(args.fd)
