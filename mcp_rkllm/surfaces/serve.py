@@ -3,10 +3,12 @@ the client or a signal ends it; `configure_logging` sends logs to stderr (stdout
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import select
 import signal
-import sys
+import threading
 from typing import Any
 
 import anyio
@@ -22,9 +24,106 @@ log = logging.getLogger("mcp_rkllm")
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr only: stdout is the stdio transport's wire."""
-    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+    """Log to stderr only (stdout is the stdio transport's wire), through a `StderrHandler`: logging never
+    blocks the server, even when the client never reads the server's stderr."""
+    logging.basicConfig(handlers=[StderrHandler()], level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+#: Log lines waiting for stderr beyond which new ones are dropped (and counted), and their size in bytes.
+LOG_BACKLOG_LINES = 1000
+LOG_BACKLOG_BYTES = 1 << 20
+
+#: How long the exit waits for the log lines still queued to reach stderr.
+LOG_FLUSH_SECONDS = 1.0
+
+
+class StderrHandler(logging.Handler):
+    """Writes log records to file descriptor 2 from its own (daemon) thread; `emit` never blocks.
+
+    A stdio client that never reads the server's stderr lets the pipe fill (64 KiB on Linux), and the next
+    write blocks: with a plain StreamHandler, the event loop thread (one line per call) and the threads that
+    relay the workers' stderr would block for ever. Here the lines queue (at most LOG_BACKLOG_LINES or
+    LOG_BACKLOG_BYTES); beyond that they are dropped and counted, and once stderr takes lines again one line
+    says how many were dropped, where they were. Formatting happens in the caller's thread, writing in the
+    writer thread with os.write on the descriptor (not through sys.stderr, whose lock a writer blocked at
+    exit would hold: the interpreter aborts when it cannot take that lock to flush). `flush()` (called by
+    logging.shutdown at exit) waits at most LOG_FLUSH_SECONDS for the queued lines to be written."""
+
+    def __init__(self, fd: int = 2, max_lines: int = LOG_BACKLOG_LINES, max_bytes: int = LOG_BACKLOG_BYTES,
+                 flush_seconds: float = LOG_FLUSH_SECONDS) -> None:
+        super().__init__()
+        self.fd, self.max_lines, self.max_bytes, self.flush_seconds = fd, max_lines, max_bytes, flush_seconds
+        self._ready = threading.Condition(threading.Lock())
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._bytes = 0
+        self._dropped = 0  # since the last line queued or written
+        self._writing = False
+        self._broken = False  # stderr is closed: lines are discarded
+        self.dropped_total = 0
+        self._writer = threading.Thread(target=self._write_lines, name="mcp-rkllm stderr", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+        except Exception:
+            self.handleError(record)
+            return
+        with self._ready:
+            if len(self._lines) >= self.max_lines or (self._lines and self._bytes + len(data) > self.max_bytes):
+                self._dropped += 1
+                self.dropped_total += 1
+                return
+            if self._dropped:  # the gap goes where the dropped lines were
+                self._queue(self._notice(self._dropped))
+                self._dropped = 0
+            self._queue(data)
+            self._ready.notify_all()  # the writer, not only a flush() waiting
+
+    def _queue(self, data: bytes) -> None:
+        self._lines.append(data)
+        self._bytes += len(data)
+
+    def _notice(self, count: int) -> bytes:
+        record = logging.LogRecord("mcp_rkllm", logging.WARNING, __file__, 0,
+                                   "%d log line(s) dropped: stderr was full (not being read)", (count,), None)
+        try:
+            return (self.format(record) + "\n").encode()
+        except Exception:
+            return f"mcp_rkllm: {count} log line(s) dropped: stderr was full (not being read)\n".encode()
+
+    def _write_lines(self) -> None:
+        while True:
+            with self._ready:
+                self._writing = False
+                self._ready.notify_all()
+                while not self._lines and not self._dropped:
+                    self._ready.wait()
+                self._writing = True
+                if self._lines:
+                    data = self._lines.popleft()
+                    self._bytes -= len(data)
+                else:  # dropped lines and nothing after them yet: say so now that stderr takes lines
+                    data, self._dropped = self._notice(self._dropped), 0
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self._broken:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:  # someone made the descriptor non-blocking: wait until it is writable
+                select.select([], [self.fd], [])
+            except OSError:  # closed (EPIPE, EBADF): nowhere to log any more
+                self._broken = True
+
+    def flush(self) -> None:
+        """Wait (at most flush_seconds) until the lines queued so far are written."""
+        if self._writer.is_alive():
+            with self._ready:
+                self._ready.wait_for(lambda: not (self._lines or self._dropped or self._writing),
+                                     self.flush_seconds)
 
 
 #: Requests in flight on stdio beyond what the engine itself lets wait (each loaded model's running call and
