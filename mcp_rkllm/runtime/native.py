@@ -76,6 +76,11 @@ class NativeModel:
         self._destroyed = False
         self.encoder: VisionEncoder | None = None
         """The vision encoder of a vision model (opened after the model, destroyed before it, as the demo does)."""
+        self._state = threading.Lock()
+        self._encoding = False
+        """A run with images is encoding them (no rkllm_run yet, so rkllm_abort alone would be lost)."""
+        self._abort_early = False
+        """rkllm_abort came while encoding: the run ends there, as aborted, and rkllm_run is never called."""
 
     def _live(self, function: str) -> None:
         if self._destroyed:
@@ -94,7 +99,11 @@ class NativeModel:
     def run(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> RunResult:
         """rkllm_run on the calling thread; returns when the run has ended."""
         collector, target, prepared = self._start(rkllm_input, rkllm_infer_params, sink, "rkllm_run")
-        self._current = target
+        with self._state:
+            early, self._encoding, self._abort_early = self._encoding and self._abort_early, False, False
+            if early:  # aborted while its images were encoded: the run ends before it starts
+                return collector.result(aborted=True)
+            self._current = target
         try:
             rc = self.lib.run(self.handle, prepared)
         finally:
@@ -117,10 +126,20 @@ class NativeModel:
                         sink: EventSink) -> RunResult:
         """Encode `images` with this model's encoder, then rkllm_run with their rows as image_embed."""
         self._live("rkllm_run")
-        if self.encoder is None:
+        encoder = self.encoder
+        if encoder is None:
             raise RkllmError("NOT_SUPPORTED", function="rkllm_run", what="images",
                              detail=": this model has no vision encoder open")
-        return self.run(with_rows(rkllm_input, self.encoder.encode_all(images)), rkllm_infer_params, sink)
+        with self._state:
+            self._encoding, self._abort_early = True, False
+        try:
+            rows = encoder.encode_all(images, stop=lambda: self._abort_early)
+            if self._abort_early:  # its rows may be partial: never marshalled; the run ends as aborted
+                return collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params)).result(aborted=True)
+            return self.run(with_rows(rkllm_input, rows), rkllm_infer_params, sink)  # ends at once if aborted now
+        finally:
+            with self._state:
+                self._encoding = self._abort_early = False
 
     def run_async(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> AsyncRun:
         """rkllm_run_async; the returned run ends at FINISH/ERROR (or when idle after an abort)."""
@@ -163,9 +182,12 @@ class NativeModel:
     def abort(self) -> None:
         """rkllm_abort; the current run (if any) will report finish_reason "abort"."""
         self._live("rkllm_abort")
-        target = self._current
-        if target is not None:
-            target.aborted = True
+        with self._state:
+            target = self._current
+            if target is not None:
+                target.aborted = True
+            elif self._encoding:  # no rkllm_run yet: remember it, or the run would start after it and go on
+                self._abort_early = True
         self.lib.abort(self.handle)
 
     def is_running(self) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -145,10 +145,13 @@ class VisionEncoder:
                 rows.extend(values[t * w:(t + 1) * w])
         return rows
 
-    def encode_all(self, images: Sequence[bytes]) -> array[float]:
-        """The rows of every image, back to back (image_embed of one multimodal run)."""
+    def encode_all(self, images: Sequence[bytes], stop: Callable[[], bool] = lambda: False) -> array[float]:
+        """The rows of every image, back to back (image_embed of one multimodal run). Once `stop()` holds (the run
+        was aborted), the images not yet encoded are skipped: rknn_run cannot be interrupted, but need not go on."""
         rows = array("f")
         for pixels in images:
+            if stop():
+                break
             rows.extend(self.encode(pixels))
         return rows
 
