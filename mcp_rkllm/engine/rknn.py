@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import os
 import secrets
 import time
@@ -60,25 +61,41 @@ class RknnHandle:
     last_used: float = field(default_factory=time.monotonic)
 
 
-def _input_bytes(given: RknnInputData, where: str) -> bytes:
+#: rknn_tensor_type -> the array code `values` are packed as: FLOAT32, INT8, UINT8, INT16, UINT16, INT32.
+_PACKED = {0: "f", 2: "b", 3: "B", 4: "h", 5: "H", 6: "i"}
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _input_bytes(given: RknnInputData, where: str, function: str) -> bytes:
     if given.data is not None:
         try:
             return base64.b64decode(given.data, validate=True)
         except (binascii.Error, ValueError):
-            raise RkllmError("INVALID_PARAMS", detail=f"{where}.data: not valid base64") from None
+            raise RkllmError("INVALID_PARAMS", function=function, detail=f"{where}.data: not valid base64") from None
     from array import array
 
+    from mcp_rkllm.native.abi.rknn import TENSOR_TYPES
+    from mcp_rkllm.native.rknn import enum_name, enum_value
+
     assert given.values is not None
-    kind = str(given.type).upper()
-    codes = {"RKNN_TENSOR_UINT8": "B", "RKNN_TENSOR_INT8": "b", "RKNN_TENSOR_FLOAT32": "f", "0": "f", "3": "B",
-             "2": "b", "RKNN_TENSOR_INT32": "i", "RKNN_TENSOR_INT16": "h", "RKNN_TENSOR_UINT16": "H"}
-    code = codes.get(kind)
+    kind = enum_value(given.type, TENSOR_TYPES, f"{where}.type", function)
+    code = _PACKED.get(kind)
+    name = enum_name(kind, TENSOR_TYPES)
     if code is None:
-        raise RkllmError("INVALID_PARAMS", detail=f"{where}.values: give `data` (base64) for type {given.type}")
+        raise RkllmError("INVALID_PARAMS", function=function, detail=f"{where}.values: give `data` (base64) for "
+                                                                     f"type {name}")
+    values = given.values  # JSON numbers arrive as floats: whole ones are packed as integers for integer types
+    if code == "f":
+        bad = next((v for v in values if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX)), None)
+    else:
+        bad = next((v for v in values if not v.is_integer()), None)
+    if bad is not None:
+        raise RkllmError("INVALID_PARAMS", function=function, detail=f"{where}.values: {bad!r} is not a value of "
+                                                                     f"type {name}")
     try:
-        return array(code, given.values).tobytes()
-    except (OverflowError, TypeError) as exc:
-        raise RkllmError("INVALID_PARAMS", detail=f"{where}.values: {exc}") from None
+        return array(code, values if code == "f" else [int(v) for v in values]).tobytes()
+    except OverflowError as exc:
+        raise RkllmError("INVALID_PARAMS", function=function, detail=f"{where}.values: {exc} (type {name})") from None
 
 
 class RknnContexts:
@@ -144,6 +161,14 @@ class RknnContexts:
             context.host.worker.label = h.id if len(context.host.live) == 1 else context.host.worker.label
         return h
 
+    def _check_room(self, function: str) -> None:
+        """LIMIT_EXCEEDED when max_loaded_models contexts exist: inits in progress count (each starts a process), and
+        so do dups (each holds its own runtime memory)."""
+        limit = self.engine.settings.max_loaded_models
+        if len(self.contexts) + self._opening >= limit:
+            raise RkllmError("LIMIT_EXCEEDED", function=function, what="the number of RKNN contexts",
+                             value=len(self.contexts) + self._opening + 1, limit=limit)
+
     async def init(self, p: RknnInitParams, stream: Stream = NO_STREAM) -> RknnInitResult:
         """rknn_init of a `.rknn` file inside the model roots."""
         if self._isolated():
@@ -153,10 +178,7 @@ class RknnContexts:
         else:
             await self.library("rknn_init")
         path = self.engine.paths.model_file(p.model_path, "rknn_init")
-        limit = self.engine.settings.max_loaded_models
-        if len(self.contexts) + self._opening >= limit:  # inits in progress count: each starts a process
-            raise RkllmError("LIMIT_EXCEEDED", function="rknn_init", what="the number of RKNN contexts",
-                             value=len(self.contexts) + self._opening + 1, limit=limit)
+        self._check_room("rknn_init")
         self._opening += 1
         try:
             with anyio.CancelScope(shield=True):  # a caller who leaves now finds it registered, so it gets freed
@@ -184,14 +206,14 @@ class RknnContexts:
     async def inputs_set(self, p: RknnInputsParams, stream: Stream = NO_STREAM) -> RknnContextResult:
         """rknn_inputs_set."""
         h = self.get(p.context, "rknn_inputs_set", stream.owner)
-        await self._call(h, h.context.inputs_set, self._inputs(p.inputs))
+        await self._call(h, h.context.inputs_set, self._inputs(p.inputs, "rknn_inputs_set"))
         return RknnContextResult(context=h.id)
 
     @staticmethod
-    def _inputs(given: list[RknnInputData]) -> list[Any]:
+    def _inputs(given: list[RknnInputData], function: str, where: str = "inputs") -> list[Any]:
         from mcp_rkllm.native.rknn import RknnInput
 
-        return [RknnInput(index=i.index, buf=_input_bytes(i, f"inputs[{n}]"), type=i.type, fmt=i.fmt,
+        return [RknnInput(index=i.index, buf=_input_bytes(i, f"{where}[{n}]", function), type=i.type, fmt=i.fmt,
                           pass_through=i.pass_through) for n, i in enumerate(given)]
 
     async def run(self, p: RknnRunParams, stream: Stream = NO_STREAM) -> RknnOutputsResult:
@@ -200,7 +222,7 @@ class RknnContexts:
         if p.input_data is None:
             await self._call(h, h.context.run)
             return RknnOutputsResult(context=h.id, outputs=[])
-        inputs = self._inputs(p.input_data)
+        inputs = self._inputs(p.input_data, "rknn_run", "input_data")
 
         def all_in_one() -> Any:
             h.context.inputs_set(inputs)
@@ -253,8 +275,14 @@ class RknnContexts:
     async def dup_context(self, p: RknnContextParams, stream: Stream = NO_STREAM) -> RknnContextResult:
         """rknn_dup_context: a second context sharing the model's weights (owned like the first)."""
         h = self.get(p.context, "rknn_dup_context", stream.owner)
-        dup = await self._call(h, h.context.dup_context)
-        return RknnContextResult(context=self._add(dup, h.model_path, stream.owner).id)
+        self._check_room("rknn_dup_context")
+        self._opening += 1
+        try:
+            with anyio.CancelScope(shield=True):  # as in init: a caller who leaves now finds it registered, then freed
+                dup = self._add(await self._call(h, h.context.dup_context), h.model_path, stream.owner)
+        finally:
+            self._opening -= 1
+        return RknnContextResult(context=dup.id)
 
     async def destroy(self, p: RknnContextParams, stream: Stream = NO_STREAM) -> RknnContextResult:
         """rknn_destroy: waits for a call in progress on the context, then frees it."""
