@@ -1,8 +1,9 @@
 """Images for vision encoders, as the vendor's multimodal demo prepares them (reference rknn-api.md §3.1 step 3).
 
 Pure functions on bytes, no runtime: `decode` reads PNG, JPEG or WebP with Pillow into RGB, bounded in
-pixels before anything is decoded (a decompression bomb is LIMIT_EXCEEDED, a broken or truncated file
-INVALID_PARAMS); `to_square` pads it to a centred square of the family's grey (integer offsets
+pixels (the image's, and the square's it will be padded to) before anything is decoded (a decompression bomb is
+LIMIT_EXCEEDED, a broken or truncated file INVALID_PARAMS), turned upright by its EXIF orientation and 16-bit grey
+taken to 8 bits by its high byte, as OpenCV's imread does; `to_square` pads it to a centred square of the family's grey (integer offsets
 `(size - w) // 2`, `(size - h) // 2`, as the demo's expand2square); `resize` scales the square to the encoder's
 input size with `cv2.resize(..., INTER_LINEAR)`, the demo's own call, so the resized square is OpenCV's byte
 for byte (no antialiasing when shrinking, OpenCV's 11-bit fixed-point weights and rounding, its clamped
@@ -20,7 +21,7 @@ import re
 import warnings
 from typing import Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mcp_rkllm.errors import RkllmError
 
@@ -74,7 +75,19 @@ def decode(data: bytes, where: str, function: str, max_pixels: int) -> Image.Ima
             if width * height > max_pixels:
                 raise RkllmError("LIMIT_EXCEEDED", function=function, what=f"{where} (pixels, {width}x{height})",
                                  value=width * height, limit=max_pixels)
+            side = max(width, height)
+            if side * side > max_pixels:  # a 1x100000 image is a 100000x100000 square once padded (30 GB)
+                raise RkllmError("LIMIT_EXCEEDED", function=function,
+                                 what=f"{where} (pixels once padded to a square, {width}x{height} -> {side}x{side})",
+                                 value=side * side, limit=max_pixels)
             img.load()
+            # As OpenCV's imread/imdecode (the demo) reads it: turned upright by its EXIF orientation, and 16-bit
+            # grey reduced to 8 bits by its high byte (Pillow's own conversion clips everything above 255 to white).
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                import numpy as np
+
+                img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8), "L")
             # Palette and grey images with transparency go through RGBA, as Pillow advises.
             if img.mode in ("P", "LA", "PA") or (img.mode == "L" and "transparency" in img.info):
                 img = img.convert("RGBA")
