@@ -211,3 +211,37 @@ def test_ctrl_c_shuts_workers_down_in_order(fake_path: Path, model_file: Path, t
     assert "SIGINT" not in server_log(proc).replace("SIGINT: stopping", ""), server_log(proc)[-2000:]
     assert not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
                    for p in pids)
+
+
+def test_an_output_over_the_limit_is_dropped_in_the_worker(fake_path: Path, model_file: Path) -> None:
+    """Logits over the run's OutputLimit never cross the socket: the worker drops them and says why, and the
+    server's collector reports the same LIMIT_EXCEEDED as for an in-process run."""
+    from mcp_rkllm.events import Logits, OutputLimit, RunCollector
+    from mcp_rkllm.isolation import messages as m
+    from mcp_rkllm.isolation.supervisor import WorkerLimits, WorkerModel, WorkerRuntime
+    from mcp_rkllm.structs import RKLLMInferMode, RKLLMInferParam, RKLLMInput, RKLLMParam, RKLLMTokenInput
+
+    runtime = WorkerRuntime("native", str(fake_path), None, WorkerLimits())
+    model = runtime.init(RKLLMParam(model_path=str(model_file)))
+    assert isinstance(model, WorkerModel)
+    arrays: list[int] = []
+    dispatch = model.worker._dispatch
+
+    def spy(message: m.Up) -> None:
+        if isinstance(message, m.Events):
+            arrays.extend(len(e.data) for e in message.events if isinstance(e, Logits))
+        dispatch(message)
+
+    model.worker._dispatch = spy  # type: ignore[method-assign]
+    try:
+        inp = RKLLMInput(token_input=RKLLMTokenInput(input_ids=list(range(10))))
+        infer = RKLLMInferParam(mode=RKLLMInferMode.RKLLM_INFER_GET_LOGITS)
+        small = RunCollector(output=OutputLimit(max_floats=64))
+        model.run(inp, infer, small)
+        assert small.output_error is not None and small.output_error.code == "LIMIT_EXCEEDED"
+        assert small.output_error.fields["max_output_rows"] == 4 and arrays == []
+        fits = RunCollector(output=OutputLimit(rows=2, max_floats=64))
+        model.run(inp, infer, fits)
+        assert fits.output_error is None and arrays == [32]  # 2 rows x 16, cut in the worker
+    finally:
+        model.destroy()

@@ -84,8 +84,10 @@ class _Forwarder:
         self._idle.wait()
 
 
-def _outcome(result: RunResult) -> m.RunOutcome:
-    return m.RunOutcome(result.finish_reason, result.error, result.perf)
+def _outcome(result: RunResult, collector: RunCollector) -> m.RunOutcome:
+    dropped = collector.output_error
+    return m.RunOutcome(result.finish_reason, result.error, result.perf,
+                        None if dropped is None else (dropped.code, dropped.fields))
 
 
 class _Child:
@@ -174,25 +176,25 @@ class _Child:
 
     def run(self, call_id: int, r: m.Run) -> m.RunOutcome | None:
         model = self.loaded
-        collector = RunCollector()
+        collector = RunCollector(output=r.output)  # an output over the limit is dropped here, never sent up
         forwarder = _Forwarder(self.send, call_id, collector)
         if r.images:
             assert isinstance(model, Seeing) and not r.asynchronous
             try:
                 return _outcome(model.run_with_images(r.rkllm_input, list(r.images), r.rkllm_infer_params,
-                                                      collector))
+                                                      collector), collector)
             finally:
                 forwarder.flush()
         if not r.asynchronous:
             try:
-                return _outcome(model.run(r.rkllm_input, r.rkllm_infer_params, collector))
+                return _outcome(model.run(r.rkllm_input, r.rkllm_infer_params, collector), collector)
             finally:
                 forwarder.flush()
         run = model.run_async(r.rkllm_input, r.rkllm_infer_params, collector)
 
         def done(result: RunResult) -> None:
             forwarder.flush()
-            self.send(m.AsyncDone(call_id, _outcome(result)))
+            self.send(m.AsyncDone(call_id, _outcome(result, collector)))
 
         run.add_done_callback(done)
         return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mcp_rkllm.errors import RkllmError
-from mcp_rkllm.events import RunEvent
+from mcp_rkllm.events import OutputLimit, RunEvent
 from mcp_rkllm.structs import (
     FinishReason,
     RKLLMCrossAttnParam,
@@ -53,6 +53,8 @@ class Run:
     rkllm_infer_params: RKLLMInferParam
     asynchronous: bool = False
     images: tuple[bytes, ...] = ()
+    output: OutputLimit | None = None
+    """The bound on hidden states / logits, enforced in the worker too (the server's collector checks again)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +206,8 @@ class RunOutcome:
     finish_reason: FinishReason
     error: str | None
     perf: RKLLMPerfStat | None
+    output_error: tuple[str, dict[str, Any]] | None = None
+    """(code, fields) of the LIMIT_EXCEEDED for an output the worker dropped as over the run's OutputLimit."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,9 @@ class _Pending:
 
 
 def _with_outcome(collector: RunCollector, outcome: m.RunOutcome) -> RunResult:
+    if outcome.output_error is not None and collector.output_error is None:
+        code, fields = outcome.output_error
+        collector.output_error = RkllmError(code, **fields)  # dropped in the worker: the caller sees it here
     result = collector.result()
     result.finish_reason = outcome.finish_reason
     result.error = outcome.error
@@ -310,14 +313,16 @@ class WorkerModel:
 
     def run(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> RunResult:
         collector = collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params))
-        _, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params), None, collector)  # the caller names it
+        _, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, output=collector.output), None,
+                                      collector)  # the caller names it
         # No time bound of its own: a generation takes as long as it takes; a stopped worker fails it
         # through the missing heartbeat, a dead one through the closed socket.
         return _with_outcome(collector, future.result())
 
     def run_async(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> AsyncRun:
         run = AsyncRun(collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params)))
-        call_id, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, asynchronous=True),
+        call_id, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, asynchronous=True,
+                                                  output=run.collector.output),
                                             "rkllm_run_async", run.collector, run)
         try:
             future.result(self.worker.limits.call_timeout)
@@ -403,7 +408,8 @@ class SeeingWorkerModel(WorkerModel):
     def run_with_images(self, rkllm_input: RKLLMInput, images: list[bytes], rkllm_infer_params: RKLLMInferParam,
                         sink: EventSink) -> RunResult:
         collector = collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params))
-        _, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, images=tuple(images)), None, collector)
+        _, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, images=tuple(images),
+                                            output=collector.output), None, collector)
         return _with_outcome(collector, future.result())  # bounded like run(): by heartbeats and the socket
 
 

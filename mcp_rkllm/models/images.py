@@ -1,12 +1,12 @@
 """Images for vision encoders, as the vendor's multimodal demo prepares them (reference rknn-api.md §3.1 step 3).
 
-Pure functions on bytes, no runtime: `decode` reads PNG, JPEG or WebP with Pillow into RGB, bounded in
-pixels (the image's, and the square's it will be padded to) before anything is decoded (a decompression bomb is
-LIMIT_EXCEEDED, a broken or truncated file INVALID_PARAMS), turned upright by its EXIF orientation and 16-bit grey
-taken to 8 bits by its high byte, as OpenCV's imread does; `to_square` pads it to a centred square of the family's grey (integer offsets
-`(size - w) // 2`, `(size - h) // 2`, as the demo's expand2square); `resize` scales the square to the encoder's
-input size with `cv2.resize(..., INTER_LINEAR)`, the demo's own call, so the resized square is OpenCV's byte
-for byte (no antialiasing when shrinking, OpenCV's 11-bit fixed-point weights and rounding, its clamped
+Pure functions on bytes, no runtime: `decode` reads PNG, JPEG or WebP with Pillow into RGB, bounded in pixels (the
+image's, and the square's it will be padded to) before anything is decoded (a decompression bomb is LIMIT_EXCEEDED,
+a broken or truncated file INVALID_PARAMS), turned upright by its EXIF orientation and 16-bit grey taken to 8 bits
+by its high byte, as OpenCV's imread does; `to_square` pads it to a centred square of the family's grey (integer
+offsets `(size - w) // 2`, `(size - h) // 2`, as the demo's expand2square); `resize` scales the square to the
+encoder's input size with `cv2.resize(..., INTER_LINEAR)`, the demo's own call, so the resized square is OpenCV's
+byte for byte (no antialiasing when shrinking, OpenCV's 11-bit fixed-point weights and rounding, its clamped
 borders, an exact 2x shrink averaged as INTER_AREA); `pixels` lays it out as uint8 HWC (NHWC) or CHW (NCHW).
 `prepare` does all four and returns width x height x 3 bytes. Pillow decodes and pads; OpenCV
 (opencv-python-headless) only resizes and is imported by the first resize, not with this module.
