@@ -169,3 +169,38 @@ async def test_idle_rknn_contexts_go_after_keep_alive(rknn: FakeRknnView, tmp_pa
     finally:
         await e.close()
     assert rknn.count("rknn_destroy") == 2 and rknn.unreleased() == 0
+
+
+async def test_a_dup_context_answers_while_its_original_runs(rknn: FakeRknnView, tmp_path: Path) -> None:
+    """Contexts in one worker have a call thread each: a call on a dup does not queue behind a long rknn_run on
+    its original (it used to, and timed out after --worker-timeout although the worker was fine)."""
+    import anyio
+
+    from mcp_rkllm.engine import Engine
+    from mcp_rkllm.engine.relay import Stream
+    from mcp_rkllm.engine.types import RknnContextParams, RknnInitParams, RknnQueryParams, RknnRunParams
+
+    write_model(tmp_path / "slow.rknn", "tiny", run_ms=2500)
+    e = Engine(Settings(rknn_library=str(rknn.path), runtime="cpu", models=(str(tmp_path),), cache_dir=str(tmp_path),
+                        worker_timeout=1.0))
+    await e.open()
+    h, w, c = PROFILES["tiny"].hwc
+    data = base64.b64encode(pixels(h * w * c)).decode()
+    order: list[str] = []
+    try:
+        ctx = (await e.rknn.init(RknnInitParams(model_path="slow.rknn"), Stream())).context
+        dup = (await e.rknn.dup_context(RknnContextParams(context=ctx), Stream())).context
+
+        async def run() -> None:
+            await e.rknn.run(RknnRunParams.model_validate({"context": ctx, "input_data": [{"data": data}]}), Stream())
+            order.append("run")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await anyio.sleep(0.3)  # the run is in rknn_run now
+            got = await e.rknn.query(RknnQueryParams(context=dup, cmd="RKNN_QUERY_IN_OUT_NUM"), Stream())
+            order.append("query")
+        assert got.result == {"n_input": 1, "n_output": 1} and order == ["query", "run"]
+    finally:
+        await e.close()
+    assert rknn.count("rknn_destroy") == 2 and rknn.unreleased() == 0

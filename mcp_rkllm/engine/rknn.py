@@ -295,7 +295,14 @@ class RknnContexts:
         """Free the contexts `owner` made (its session or connection ended)."""
         for h in [h for h in self.contexts.values() if h.owner == owner]:
             self.contexts.pop(h.id, None)
+            await self._destroy_quietly(h)
+
+    async def _destroy_quietly(self, h: RknnHandle) -> None:
+        """rknn_destroy for a context nobody is waiting on; a failure is logged, never stops the others."""
+        try:
             await self._call(h, h.context.destroy)
+        except RkllmError as exc:
+            log.warning("destroying RKNN context %s: %s", h.id, exc.message)
 
     async def reap_idle(self, keep: float) -> None:
         """rknn_destroy of contexts no call has named for `keep` seconds (and that no call is using)."""
@@ -305,13 +312,10 @@ class RknnContexts:
                 log.info("destroying RKNN context %s (%s): idle for %.0f s (keep_alive)", h.id, h.model_path,
                          now - h.last_used)
                 self.contexts.pop(h.id, None)
-                try:
-                    await self._call(h, h.context.destroy)
-                except RkllmError as exc:
-                    log.warning("destroying idle RKNN context %s: %s", h.id, exc.message)
+                await self._destroy_quietly(h)
 
     async def close(self) -> None:
         """Free every context (the server stops)."""
         for h in list(self.contexts.values()):
             self.contexts.pop(h.id, None)
-            await self._call(h, h.context.destroy)
+            await self._destroy_quietly(h)

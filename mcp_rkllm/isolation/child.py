@@ -237,6 +237,9 @@ def main(argv: list[str]) -> None:
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
     child = _Child(send)
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-call")
+    # RKNN contexts each get a call thread of their own: dups exist to run in parallel, and a call on one must not
+    # queue (and time out) behind a long rknn_run on another. The engine serialises calls on one context.
+    rknn_threads: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
     while True:
         try:
             call_id, request = conn.recv()
@@ -247,6 +250,14 @@ def main(argv: list[str]) -> None:
             os._exit(0)
         if isinstance(request, m.INLINE):
             child.answer(call_id, request)
+        elif isinstance(request, m.RknnCall):
+            thread = rknn_threads.get(request.context)
+            if thread is None:
+                thread = rknn_threads[request.context] = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"rknn-{request.context}")
+            thread.submit(child.answer, call_id, request)
+            if request.method == "destroy":
+                rknn_threads.pop(request.context).shutdown(wait=False)  # its thread ends after the destroy
         else:
             executor.submit(child.answer, call_id, request)
 
