@@ -240,3 +240,25 @@ def test_run_async_and_destroy(model: LlamaModel) -> None:
     model.destroy()
     with pytest.raises(RkllmError):
         model.run(ask("x"), RKLLMInferParam(), discard)
+
+
+@pytest.mark.anyio
+async def test_a_seed_repeats_a_sampled_reply_in_a_worker_too(gguf: Path, tmp_path: Path) -> None:
+    """`seed` on generate / chat (the Seeding capability) through MCP, with the CPU model in a worker process: the
+    seed applies to the next run only; the NPU runtime's NOT_SUPPORTED is tested with the HTTP APIs."""
+    from mcp import Client
+
+    from mcp_rkllm.config import Settings
+    from mcp_rkllm.surfaces.mcp import build_server
+    from tests.test_server import call
+
+    settings = Settings(runtime="cpu", isolation="process", models=(str(gguf.parent),), cache_dir=str(tmp_path))
+    args = {"prompt": "Tell me a story about a cat.", "temperature": 1.5, "max_new_tokens": 12}
+    async with Client(build_server(settings)) as client:
+        seeded = [(await call(client, "generate", {**args, "seed": 5}))["text"] for _ in range(2)]
+        chat = {"messages": [{"role": "user", "content": args["prompt"]}], "temperature": 1.5, "max_new_tokens": 12,
+                "seed": 5}
+        chatted = [(await call(client, "chat", chat))["content"] for _ in range(2)]
+        free = {(await call(client, "generate", args))["text"] for _ in range(3)}
+    assert seeded[0] and seeded[0] == seeded[1] and chatted[0] and chatted[0] == chatted[1]
+    assert len(free | {seeded[0]}) > 1  # the seed was taken by its run only: unseeded runs vary

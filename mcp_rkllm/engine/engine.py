@@ -106,6 +106,7 @@ from mcp_rkllm.runtime.base import (
     HistoryPriming,
     LoadedModel,
     Runtime,
+    Seeding,
     Seeing,
     Tokenizing,
     effective_max_new_tokens,
@@ -868,6 +869,7 @@ class Engine:
         parts = [{**i.model_dump(), "where": f"images[{n}]"} for n, i in enumerate(p.images or [])]
         if parts:
             self._vision(h, "generate")
+        self._seedable(h, p.seed, "generate")
         pixels: list[bytes] = []
         async with h.slot.hold(s.busy_timeout, "generate", s.max_queued_runs):
             h.conversation = []
@@ -880,6 +882,7 @@ class Engine:
             family = with_tool_format(h.family, False)
             replies = reply_stream(stream, family)
             watch = self._stop_watch(h, p.stop, replies.stream, "generate")
+            await self._seed(h, p.seed, "generate")
             result = await self._relay(h, inp, p.infer(h.param, p.keep_history),
                                        watch.stream if watch else replies.stream, "generate", images=pixels)
             result = await _stopped(result, watch)
@@ -905,6 +908,7 @@ class Engine:
             pictures.append(found)
         if any(pictures):
             self._vision(h, "chat")
+        self._seedable(h, p.seed, "chat")
         pixels: list[bytes] = []
         tools = [t.model_dump() for t in p.tools] if p.tools and p.tool_choice == "auto" else None
         family = with_tool_format(h.family, tools is not None)
@@ -934,6 +938,7 @@ class Engine:
                 inp = RKLLMInput(prompt_input=prompt, role=role, enable_thinking=p.enable_thinking)
             replies = reply_stream(stream, family)
             watch = self._stop_watch(h, p.stop, replies.stream, "chat")
+            await self._seed(h, p.seed, "chat")
             result = await self._relay(h, inp, p.infer(h.param, True), watch.stream if watch else replies.stream,
                                        "chat", images=pixels)
             result = await _stopped(result, watch)
@@ -954,6 +959,20 @@ class Engine:
         return ChatResult(**understood, message=message, finish_reason=result.finish_reason,
                           token_count=result.token_count, perf=result.perf, handle=h.id, model=h.model_name,
                           reused_history=reused)
+
+    def _seedable(self, h: Handle, seed: int | None, function: str) -> None:
+        """NOT_SUPPORTED, before any work, for a seed the model's runtime cannot take."""
+        if seed is not None and not isinstance(h.model, Seeding):
+            raise RkllmError("NOT_SUPPORTED", function=function, what="`seed`", param="seed",
+                             detail=f" on the {self.require_runtime(function).name} runtime (librkllmrt's sampling "
+                                    "takes no seed): use temperature 0 (or top_k 1) for repeatable output")
+
+    async def _seed(self, h: Handle, seed: int | None, function: str) -> None:
+        """Give the next run on `h` its seed (the caller holds the slot, so that run is the caller's)."""
+        if seed is not None:
+            model = h.model
+            assert isinstance(model, Seeding)
+            await self._call(h, function, model.seed_next_run, seed)
 
     async def _open_encoder(self, h: Handle, path: str, vision: Vision | None) -> None:
         """Open the vision encoder of the model just loaded on `h`, in its process. A failure is kept (and logged),

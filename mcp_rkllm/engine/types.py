@@ -277,6 +277,8 @@ class Sampling(Params):
     mirostat_eta: float | None = Field(None, ge=0, le=100, description="Mirostat's learning rate (default 0.1).")
     stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, max_length=16, description="Stop when the reply writes one of these strings (not included in it).")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Sampling seed: the same seed, input and options "
+                             "give the same reply (CPU runtime; the NPU runtime takes none).")
 
     def infer(self, param: RKLLMParam, keep_history: bool,
               mode: RKLLMInferMode = RKLLMInferMode.RKLLM_INFER_GENERATE) -> RKLLMInferParam:

@@ -24,7 +24,7 @@ from typing import Any
 from mcp_rkllm.events import Finish, Hidden, Logits, RunCollector, RunError, RunEvent, TokenBatch
 from mcp_rkllm.isolation import messages as m
 from mcp_rkllm.runtime import open_in_process
-from mcp_rkllm.runtime.base import HistoryPriming, LoadedModel, Runtime, Seeing, Tokenizing
+from mcp_rkllm.runtime.base import HistoryPriming, LoadedModel, Runtime, Seeding, Seeing, Tokenizing
 from mcp_rkllm.runtime.vision import EncoderShape
 from mcp_rkllm.structs import RunResult
 
@@ -116,6 +116,7 @@ class _Child:
             m.ReleasePromptCache: lambda _, r: self.loaded.release_prompt_cache(),
             m.PrimeHistory: self.prime_history,
             m.Tokenize: self.tokenize,
+            m.SeedNextRun: self.seed_next_run,
             m.Destroy: lambda _, r: self.loaded.destroy(),
         }
 
@@ -168,6 +169,11 @@ class _Child:
         model = self.loaded
         assert isinstance(model, HistoryPriming)
         model.prime_history(r.messages)
+
+    def seed_next_run(self, call_id: int, r: m.SeedNextRun) -> None:
+        model = self.loaded
+        assert isinstance(model, Seeding)
+        model.seed_next_run(r.seed)
 
     def tokenize(self, call_id: int, r: m.Tokenize) -> list[int]:
         model = self.loaded

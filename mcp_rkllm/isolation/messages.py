@@ -153,6 +153,11 @@ class PrimeHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class SeedNextRun:
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
 class Tokenize:
     text: str
 
@@ -169,7 +174,7 @@ class Exit:
 
 Request = (Open | Init | OpenEncoder | Run | RknnInit | RknnCall | Abort | IsRunning | ClearKvCache | GetKvCacheSize
            | SetChatTemplate | SetFunctionTools | SetCrossAttnParams | LoadLora | LoadPromptCache | ReleasePromptCache
-           | PrimeHistory | Tokenize | Destroy | Exit)
+           | PrimeHistory | Tokenize | SeedNextRun | Destroy | Exit)
 
 #: Requests the worker answers on its reading thread, never queued behind a run.
 INLINE: tuple[type, ...] = (Abort, IsRunning, GetKvCacheSize)

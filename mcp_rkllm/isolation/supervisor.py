@@ -387,13 +387,16 @@ class WorkerModel:
 
 
 class HistoryWorkerModel(WorkerModel):
-    """A worker model whose runtime primes chat history and tokenizes (the CPU runtime)."""
+    """A worker model whose runtime primes chat history, tokenizes and takes a seed (the CPU runtime)."""
 
     def prime_history(self, messages: list[dict[str, str]]) -> None:
         self.worker.call(m.PrimeHistory(messages), "chat")
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.worker.call(m.Tokenize(text), "embed"))
+
+    def seed_next_run(self, seed: int) -> None:
+        self.worker.call(m.SeedNextRun(seed), "generate")
 
 
 class SeeingWorkerModel(WorkerModel):

@@ -3,7 +3,7 @@
 A `Runtime` mirrors `rkllm_createDefaultParam` and `rkllm_init`; `init` returns a `LoadedModel`
 whose methods mirror the other thirteen C functions on that handle. Runs report through an
 `EventSink` (see `events`); `run` also returns the whole `RunResult`. Capabilities beyond the C
-API are explicit protocols (`HistoryPriming`, `Tokenizing`, `Seeing`) checked with isinstance, never by
+API are explicit protocols (`HistoryPriming`, `Tokenizing`, `Seeding`, `Seeing`) checked with isinstance, never by
 probing attribute names. Nothing here knows about asyncio, cffi or any protocol.
 """
 
@@ -103,6 +103,15 @@ class Tokenizing(Protocol):
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of raw `text`."""
+        ...
+
+
+@runtime_checkable
+class Seeding(Protocol):
+    """A model whose sampling takes a seed (the CPU runtime; librkllmrt has none)."""
+
+    def seed_next_run(self, seed: int) -> None:
+        """The next run samples with `seed`: the same seed, input and options give the same tokens."""
         ...
 
 

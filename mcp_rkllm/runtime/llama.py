@@ -178,6 +178,9 @@ class LlamaModel:
         self.param = param
         self.max_new_tokens = int(param.max_new_tokens or 256)
         self.n_batch = 1
+        self._seed: int | None = None
+        """The seed seed_next_run gave, taken by the next run (None: a random one per run)."""
+        self._run_seed: int | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._running = False
         self._abort_flag = ctypes.create_string_buffer(2)  # byte 0 != 0 -> llama.cpp aborts the decode
@@ -398,7 +401,7 @@ class LlamaModel:
             add(L.llama_sampler_init_logit_bias(self.n_vocab, len(self.eog), bias))
         add(L.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty,
                                            s.presence_penalty))
-        seed = int.from_bytes(os.urandom(4), "little")
+        seed = self._run_seed if self._run_seed is not None else int.from_bytes(os.urandom(4), "little")
         if s.temperature <= 0:
             add(L.llama_sampler_init_greedy())
         elif s.mirostat == 1:
@@ -638,7 +641,12 @@ class LlamaModel:
         future = self._submit(self._guarded_run, rkllm_input, rkllm_infer_params, sink)
         return future.result()  # type: ignore[no-any-return]
 
+    def seed_next_run(self, seed: int) -> None:
+        """The next run samples with `seed` (the same seed, input and options give the same tokens)."""
+        self._seed = seed
+
     def _guarded_run(self, inp: RKLLMInput, infer: RKLLMInferParam, sink: EventSink) -> RunResult:
+        self._run_seed, self._seed = self._seed, None  # one run's, even if it fails before sampling
         self._running = True
         try:
             return self._run(inp, infer, sink)

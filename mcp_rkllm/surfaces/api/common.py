@@ -159,8 +159,16 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repeat_penalty", "frequency
 
 
 def sampling(source: dict[str, Any]) -> dict[str, Any]:
-    """The engine's sampling arguments found in `source` (None values dropped)."""
-    return {f: source[f] for f in SAMPLING_FIELDS if source.get(f) is not None}
+    """The engine's sampling arguments found in `source` (None values dropped), and `seed`: -1 (Ollama's "random")
+    is none, any other integer is taken modulo 2**32 (OpenAI allows 64-bit seeds; the CPU runtime takes 32 bits)."""
+    args = {f: source[f] for f in SAMPLING_FIELDS if source.get(f) is not None}
+    seed = source.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        if seed != -1:
+            args["seed"] = seed % 2**32
+    elif seed is not None:
+        args["seed"] = seed  # not an integer: the engine's validation says so
+    return args
 
 
 def dumped(model: BaseModel) -> dict[str, Any]:

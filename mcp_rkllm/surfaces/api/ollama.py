@@ -6,8 +6,9 @@ has `message` (chat), the last has `done: true`, `done_reason` and the durations
 from the runtime's perf stats. An empty prompt (or no messages) loads the model (`done_reason: "load"`);
 with `keep_alive: 0` it unloads it (`"unload"`), and `keep_alive: 0` on a generation unloads after it.
 Other keep_alive values keep the model loaded (this server does not expire models yet: `/api/ps` says so
-with a far-future `expires_at`). `options.stop` ends the reply at a stop string; an option the runtime cannot
-honour (`seed`) is a 400 naming it; unknown options are ignored, as Ollama does.
+with a far-future `expires_at`). `options.stop` ends the reply at a stop string; `options.seed` gives the CPU
+runtime a sampling seed (a 400 on the NPU runtime, whose library takes none); unknown options are ignored, as
+Ollama does.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ OLLAMA_VERSION = "0.9.0"
 #: Reported as the expiry of a model that stays loaded until it is unloaded.
 FOREVER = "2999-12-31T23:59:59Z"
 
-_OPTION_UNSUPPORTED = {"seed": "the runtimes take no seed (use temperature 0 for repeatable output)"}
+#: Options that would change the answer but no runtime here can honour, and why (none left: `seed` goes to the
+#: engine, which answers NOT_SUPPORTED for it on the NPU runtime).
+_OPTION_UNSUPPORTED: dict[str, str] = {}
 
 
 def _now() -> str:

@@ -3,7 +3,7 @@
 `model` is a model name (loaded on first use, like `generate`) or a handle id. Streams are SSE
 `chat.completion.chunk`s: the role once in the first delta, content deltas, a finish chunk with an empty
 delta, the usage chunk when `stream_options.include_usage`, then `data: [DONE]`. A field the runtime cannot
-honour (`n` > 1, `seed`, `logprobs`, images, ...) is a 400 naming it, never silently ignored; `stop` ends the
+honour (`n` > 1, `logprobs`, `seed` on the NPU runtime, ...) is a 400 naming it, never silently ignored; `stop` ends the
 reply at the first stop string (the run is aborted there);
 fields that change nothing (`user`, `metadata`, `store`, `parallel_tool_calls`, ...) are accepted. Errors
 have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status from the one table
@@ -35,7 +35,6 @@ FINGERPRINT = f"mcp-rkllm-{__version__}"
 #: Fields that would change the answer but no runtime here can honour, and why.
 _UNSUPPORTED = {
     "n": "only one choice per request (n = 1)",
-    "seed": "the runtimes take no seed (use temperature 0 for repeatable output)",
     "logprobs": "log probabilities are not available from the runtime",
     "top_logprobs": "log probabilities are not available from the runtime",
     "logit_bias": "logit bias is not supported",
