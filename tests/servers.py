@@ -67,6 +67,23 @@ def server_log(proc: subprocess.Popen[bytes]) -> str:
     return b"".join(_LOGS.get(proc.pid, [])).decode(errors="replace")
 
 
+def child_processes(pid: int | None = None) -> list[tuple[int, str]]:
+    """(pid, state) of the child processes of `pid` (default: this process), from /proc; "Z" is a zombie."""
+    pid = os.getpid() if pid is None else pid
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, ...
+        if int(fields[1]) == pid:
+            found.append((int(entry), fields[0]))
+    return found
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -27,7 +27,7 @@ from mcp_rkllm.errors import ERRORS, RkllmError
 from mcp_rkllm.models import images
 from mcp_rkllm.surfaces.mcp import build_server
 from tests.fake_rknn import PROFILES, FakeRknnView, build_fake_rknn, expected_outputs, write_model
-from tests.servers import free_port, server_log, start_http_server, stop
+from tests.servers import child_processes, free_port, server_log, start_http_server, stop
 from tests.test_server import call, fail
 from tests.test_vision import MODEL, b64, make_rig, picture, png
 
@@ -35,34 +35,12 @@ pytestmark = pytest.mark.anyio
 
 
 def children(pid: int | None = None) -> list[int]:
-    """The live (not zombie) child processes of `pid` (default: this process), from /proc."""
-    pid = os.getpid() if pid is None else pid
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, ...
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+    """The live (not zombie) child processes of `pid` (default: this process)."""
+    return [c for c, state in child_processes(pid) if state != "Z"]
 
 
 def zombies(pid: int | None = None) -> list[int]:
-    pid = os.getpid() if pid is None else pid
-    out = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] == "Z":
-            out.append(int(entry))
-    return out
+    return [c for c, state in child_processes(pid) if state == "Z"]
 
 
 def image_chat(text: str = "What?", img: Image.Image | None = None, **extra: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from mcp import Client
 from mcp_rkllm.config import Settings
 from mcp_rkllm.surfaces.mcp import build_server
 from tests.conftest import FakeView
+from tests.servers import child_processes
 from tests.test_server import call, fail, init
 
 pytestmark = pytest.mark.anyio
@@ -38,17 +39,7 @@ async def client(fake_path: Path, fake: FakeView, tmp_path: Path) -> AsyncIterat
 
 def children() -> list[tuple[int, str]]:
     """(pid, state) of this process's child processes."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == os.getpid():
-                out.append((int(entry), fields[0]))
-    return out
+    return child_processes()
 
 
 def open_fds() -> int:

@@ -41,7 +41,7 @@ from mcp import Client
 from mcp_rkllm.errors import ERRORS
 from tests.fake_rkllm.build import build_fake
 from tests.jsonrpc_client import RpcConn
-from tests.servers import events, free_port, server_log, start_http_server, stop
+from tests.servers import child_processes, events, free_port, server_log, start_http_server, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -107,17 +107,7 @@ def figures(pid: int) -> Figures:
     rss = re.search(r"VmRSS:\s+(\d+) kB", status)
     threads = re.search(r"Threads:\s+(\d+)", status)
     assert rss is not None and threads is not None, status
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2:].split()
-        if int(rest[1]) == pid:
-            children.append((int(entry), rest[0]))
+    children = child_processes(pid)
     return Figures(int(rss.group(1)), len(os.listdir(f"/proc/{pid}/fd")), int(threads.group(1)), children)
 
 
