@@ -122,3 +122,25 @@ def test_the_handler_drops_counts_and_reports_in_place(tmp_path: Path) -> None:
     assert os.read(read_end, 65536) == b"after\n"
     os.close(read_end)
     os.close(write_end)
+
+
+def test_http_transport_lines_go_through_the_same_handler(tmp_path: Path) -> None:
+    """uvicorn's own lines (start-up, one per request) use the server's stderr handler and format, not handlers of
+    uvicorn's that would write to a full pipe directly."""
+    import httpx
+
+    from tests.servers import free_port, server_log, start_http_server, stop
+
+    port = free_port()
+    proc = start_http_server("http", build_fake("1.3.0", version="1.3.0"), tmp_path / "records", port)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        deadline = time.monotonic() + 10
+        while "GET /healthz" not in server_log(proc):
+            assert time.monotonic() < deadline, server_log(proc)
+            time.sleep(0.05)
+    finally:
+        stop(proc)
+    lines = [line for line in server_log(proc).splitlines() if "uvicorn" in line]
+    assert lines and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \w+ uvicorn\.(error|access): ", line)
+                         for line in lines), lines

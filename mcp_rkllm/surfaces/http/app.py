@@ -200,9 +200,11 @@ async def serve_http(app: Any, settings: Settings, engine: Engine | None = None)
     from mcp_rkllm.surfaces.http.health import DrainingServer, Fleet
 
     fleet = Fleet(engine, settings) if engine is not None else None
+    # log_config=None: uvicorn's lines go through the server's own stderr handler (serve.configure_logging), which
+    # never blocks on a full pipe, instead of handlers of uvicorn's that write to stderr directly.
     config = uvicorn.Config(fleet.wrap(app) if fleet is not None else app, host=settings.host.strip("[]"),
                             port=settings.port, log_level=settings.log_level.lower(), lifespan="on",
-                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace))
+                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace), log_config=None)
     # uvicorn stops on SIGTERM/SIGINT, then raises the signal again for the handler it found installed: with
     # the default one, the process would die there, before the caller's own cleanup (the JSON-RPC socket
     # file). A handler that does nothing lets serve() return, and the process exit 0 after cleaning up.
