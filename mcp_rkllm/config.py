@@ -166,8 +166,8 @@ class Settings(BaseSettings):
         20 << 20, "Largest image a vision model is given (chat / generate image parts, Ollama `images`), in bytes "
                   "of the file (base64 decoded).", "limits", metavar="BYTES", ge=1)
     max_image_pixels: int = _setting(
-        40_000_000, "Most pixels (width x height) in one image, checked before it is decoded (no decompression "
-                    "bombs).", "limits", metavar="N", ge=1)
+        40_000_000, "Most pixels (width x height) in one image, and in the square it is padded to, checked before "
+                    "it is decoded (no decompression bombs).", "limits", metavar="N", ge=1)
     max_items: int = _setting(
         1024, "Most entries in one list of objects or strings: chat messages, tools, JSON-RPC batch entries, "
               "embedding inputs.", "limits", metavar="N", ge=1)

@@ -268,15 +268,14 @@ async def test_destroy_aborts_a_run_its_first_abort_came_too_early_for(fake_path
                 outcome["run"] = await invoke(engine, "rkllm_run", {
                     "handle": handle, "rkllm_input": {"prompt_input": "slow fake:delay_ms=100"}})
 
-            started = anyio.current_time()
             with anyio.fail_after(20):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(run)
                     await anyio.sleep(0)  # the run holds the slot and is on its way to the worker
                     await invoke(engine, "rkllm_destroy", {"handle": handle})
-            took = anyio.current_time() - started
-            assert outcome["run"].finish_reason == "abort" and outcome["run"].token_count < 10, outcome
-            assert took < 2.5, took  # not abort_timeout (5 s), nor the whole run (6 s)
+            # Aborted, not run out (60 tokens at 100 ms) nor left to abort_timeout (5 s, about 50 tokens): judged by
+            # tokens, not by the clock, which a loaded machine stretches.
+            assert outcome["run"].finish_reason == "abort" and outcome["run"].token_count < 30, outcome
     finally:
         await engine.close()
 
