@@ -559,25 +559,32 @@ def free_port() -> int:
 
 async def start_http_server(library: Path, records: Path, port: int) -> subprocess.Popen[bytes]:
     """`python -m mcp_rkllm --transport http --port P`, same settings as the stdio servers of rows 1-3."""
-    import httpx
-
     params = server_params(library, records, "--transport", "http", "--host", "127.0.0.1", "--port", str(port),
                            "--isolation", "none")
     proc = subprocess.Popen([params.command, *params.args], env=params.env, cwd=str(REPO),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=DEVNULL)
+    return await answering(proc, port, "/api/version", lambda: "")
+
+
+async def answering(proc: subprocess.Popen[bytes], port: int, path: str, log: Callable[[], str],
+                    what: str = "the HTTP server") -> subprocess.Popen[bytes]:
+    """`proc` once GET `path` on 127.0.0.1:`port` answers 200 (within 30 s); stopped, and RuntimeError with the
+    end of `log()`, if it exits or never answers."""
+    import httpx
+
     deadline = time.monotonic() + 30
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"the HTTP server exited with status {proc.returncode}")
+                raise RuntimeError(f"{what} exited with status {proc.returncode}: {log()}")
             try:
-                if (await client.get("/api/version")).status_code == 200:
+                if (await client.get(path)).status_code == 200:
                     return proc
             except httpx.TransportError:
                 pass
             await anyio.sleep(0.05)
     stop_server(proc)
-    raise RuntimeError("the HTTP server did not answer")
+    raise RuntimeError(f"nothing answered GET {path} on port {port}: {log()}")
 
 
 #: (path, request body, content of one parsed line or None, token count in a parsed line or None) per API.
@@ -706,25 +713,11 @@ def find_haproxy() -> str | None:
 async def start_haproxy(haproxy: str, board_port: int, port: int, log: Path) -> subprocess.Popen[bytes]:
     """HAProxy with deploy/haproxy.cfg on 127.0.0.1:`port`, BOARD1 the server on `board_port` (the environment
     as tests/test_fleet.py gives it); returned once a request through it reaches the server's /healthz."""
-    import httpx
-
     env = {"PATH": os.environ.get("PATH", ""), "LISTEN": f"127.0.0.1:{port}", "BOARD1": f"127.0.0.1:{board_port}"}
     with open(log, "ab") as out:
         proc = subprocess.Popen([haproxy, "-db", "-f", str(HAPROXY_CONFIG)], env=env, cwd=str(REPO),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    deadline = time.monotonic() + 30
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited with status {proc.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if (await client.get("/healthz")).status_code == 200:
-                    return proc
-            except httpx.TransportError:
-                pass
-            await anyio.sleep(0.05)
-    stop_server(proc)
-    raise RuntimeError(f"nothing reached the server through haproxy: {log.read_text()[-2000:]}")
+    return await answering(proc, port, "/healthz", lambda: log.read_text()[-2000:], "haproxy")
 
 
 #: Row 10's measurements per path ("direct", "haproxy"): capacities (tokens/s), content pieces of the last

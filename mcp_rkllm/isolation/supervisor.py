@@ -312,9 +312,13 @@ class WorkerModel:
         self.worker.label = label
 
     def run(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink) -> RunResult:
+        return self._run(rkllm_input, rkllm_infer_params, sink, ())
+
+    def _run(self, rkllm_input: RKLLMInput, rkllm_infer_params: RKLLMInferParam, sink: EventSink,
+             images: tuple[bytes, ...]) -> RunResult:
         collector = collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params))
-        _, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, output=collector.output), None,
-                                      collector)  # the caller names it
+        _, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, images=images,
+                                            output=collector.output), None, collector)  # the caller names it
         # No time bound of its own: a generation takes as long as it takes; a stopped worker fails it
         # through the missing heartbeat, a dead one through the closed socket.
         return _with_outcome(collector, future.result())
@@ -410,10 +414,7 @@ class SeeingWorkerModel(WorkerModel):
 
     def run_with_images(self, rkllm_input: RKLLMInput, images: list[bytes], rkllm_infer_params: RKLLMInferParam,
                         sink: EventSink) -> RunResult:
-        collector = collector_for(sink, effective_max_new_tokens(self, rkllm_infer_params))
-        _, future = self.worker.start(m.Run(rkllm_input, rkllm_infer_params, images=tuple(images),
-                                            output=collector.output), None, collector)
-        return _with_outcome(collector, future.result())  # bounded like run(): by heartbeats and the socket
+        return self._run(rkllm_input, rkllm_infer_params, sink, tuple(images))
 
 
 class WorkerRuntime:

@@ -18,15 +18,14 @@ import threading
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from mcp_rkllm.errors import RkllmError
+from mcp_rkllm.models.images import Layout
 from mcp_rkllm.structs import RKLLMInput
 
 if TYPE_CHECKING:
     from mcp_rkllm.native.rknn import RknnContext
-
-Layout = Literal["NHWC", "NCHW"]
 
 
 @dataclass(frozen=True)
